@@ -1,0 +1,53 @@
+"""σ̂ measurement and schedule application: the only places the method writes into norm sites."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from ..models.base import LNModel
+from .schedule import SiteState
+
+
+@torch.no_grad()
+def calibrate(model: LNModel, batches: Iterable[Tensor]) -> dict[str, float]:
+    """Set every live site's σ̂ (and its position-0 / EOT specials) to the mean per-token std of its input.
+
+    Runs plain forwards in eval mode over `batches` (token ids, (B, T)); returns {site: σ̂}.
+    """
+    was_training = model.training
+    model.eval()
+    n = 0
+    with model.collect_norm_stats():
+        for idx in batches:
+            model(idx)
+            n += 1
+    if n == 0:
+        raise ValueError("calibration needs at least one batch of tokens")
+    model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured mean
+    model.train(was_training)
+    return {name: site.sigma.item() for name, site in model.norm_sites().items()}
+
+
+@torch.no_grad()
+def apply_site_states(model: LNModel, states: dict[str, SiteState]) -> list[str]:
+    """Put each named site in its scheduled state; returns the names that froze just now.
+
+    A site's σ̂ stops following the EMA the moment it freezes: `NormSite.ema_step` skips frozen sites.
+    """
+    sites = model.norm_sites()
+    unknown = sorted(set(states) - set(sites))
+    if unknown:
+        raise ValueError(f"schedule names site(s) this model lacks: {', '.join(unknown[:4])}; "
+                         f"the model has {len(sites)} sites, e.g. {next(iter(sites), '-')}")
+    newly_frozen = []
+    for name, state in states.items():
+        site = sites[name]
+        if state.frozen and not site.is_frozen:
+            newly_frozen.append(name)
+        site.frozen.fill_(state.frozen)
+        site.bos_weight.fill_(state.bos_weight)
+        site.eot_weight.fill_(state.eot_weight)
+    return newly_frozen

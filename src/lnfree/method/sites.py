@@ -1,0 +1,153 @@
+"""Norm sites: a LayerNorm whose divisor can be switched from the per-token std to a fixed scalar σ̂.
+
+A *site* is one use of a LayerNorm's output. Most LNs have one use; GPT-2's ln_1 has two (Q/K and V), which
+Heimersheim (2024) removes separately, so one `RemovableLayerNorm` owns one γ/β pair and one `NormSite`
+per path. A site is either
+
+    live    y = (x − mean(x)) / sqrt(var(x) + eps) · γ + β          (the real LN)
+    frozen  y = (x − mean(x)) / σ̂ · γ + β                          ("FakeLN": σ̂ a fixed scalar)
+
+While a site is frozen, position 0 (BOS) and EOT positions may keep their own special σ̂ (GPT-2's position 0
+has a residual std ~30x the rest), weighted in by `bos_weight` / `eot_weight` ∈ [0, 1] so that a schedule can
+ease them out (weight 1: the special σ̂; 0: the common one; between: geometric interpolation).
+
+σ̂ tracking. While live, a site accumulates the mean per-token std of its input (positions 0 and EOT kept
+apart) — but only while `collecting` is switched on by the training loop around its forward. That excludes
+evaluation forwards and activation-checkpoint recomputes (which happen inside backward); the shared ln_1 input
+is measured once and handed to both paths. `ema_step(momentum)` then folds the step's mean into σ̂ once per
+optimizer step (Baroni et al. 2025: EMA with momentum 0.9), and σ̂ stays fixed from the moment the site freezes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Index of each statistic in a site's accumulator: running sums and counts of per-token std.
+_MAIN, _BOS, _EOT = 0, 1, 2
+
+
+class NormSite(nn.Module):
+    """The switchable divisor of one LN use. Holds σ̂ buffers; owns no trainable parameters."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.register_buffer("frozen", torch.tensor(False))
+        self.register_buffer("sigma", torch.tensor(1.0))
+        self.register_buffer("sigma_bos", torch.tensor(1.0))
+        self.register_buffer("sigma_eot", torch.tensor(1.0))
+        self.register_buffer("bos_weight", torch.tensor(1.0))
+        self.register_buffer("eot_weight", torch.tensor(1.0))
+        # sums[k], counts[k] for k in (_MAIN, _BOS, _EOT); zero at every optimizer-step boundary, so they
+        # need not be checkpointed.
+        self.register_buffer("stat_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
+
+    def extra_repr(self) -> str:
+        state = f"frozen σ̂={self.sigma.item():.4g}" if self.frozen else "live"
+        return f"{self.name}: {state}"
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen)
+
+    def frozen_divisor(self, batch: int, seq: int, eot_mask: Tensor | None) -> Tensor:
+        """σ̂ as a scalar, or (B, T, 1) while position-0 / EOT specials are still weighted in."""
+        sigma = self.sigma
+        use_eot = eot_mask is not None and bool(self.eot_weight > 0)
+        use_bos = bool(self.bos_weight > 0)
+        if not (use_eot or use_bos):
+            return sigma
+        per_pos = sigma.expand(batch, seq).clone()  # (B, T)
+        if use_eot:
+            # Geometric interpolation: weight 1 gives the special σ̂, weight 0 the common one.
+            eot_sigma = sigma ** (1 - self.eot_weight) * self.sigma_eot**self.eot_weight
+            per_pos = torch.where(eot_mask, eot_sigma, per_pos)
+        if use_bos:
+            per_pos[:, 0] = sigma ** (1 - self.bos_weight) * self.sigma_bos**self.bos_weight
+        return per_pos.unsqueeze(-1)  # (B, T, 1)
+
+    # ---- statistics -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def accumulate(self, std: Tensor, eot_mask: Tensor | None) -> None:
+        """Add one forward's per-token std (B, T) to this step's sums: main, position 0, EOT kept apart."""
+        std = std.detach().double()
+        special = torch.zeros_like(std, dtype=torch.bool)
+        special[:, 0] = True
+        if eot_mask is not None:
+            eot = eot_mask.clone()
+            eot[:, 0] = False  # position 0 counts as BOS even when it holds an EOT token
+            special |= eot
+            self.stat_sums[_EOT] += std[eot].sum()
+            self.stat_counts[_EOT] += eot.sum()
+        self.stat_sums[_BOS] += std[:, 0].sum()
+        self.stat_counts[_BOS] += std.shape[0]
+        self.stat_sums[_MAIN] += std[~special].sum()
+        self.stat_counts[_MAIN] += (~special).sum()
+
+    @torch.no_grad()
+    def ema_step(self, momentum: float) -> None:
+        """σ̂ ← m·σ̂ + (1−m)·(this step's mean std), for each of main/BOS/EOT that was seen; then reset.
+
+        momentum 0 sets σ̂ to the measured mean (calibration); momentum 1 never moves it. Frozen sites
+        never move: σ̂ freezes at the switch.
+        """
+        if not self.frozen:
+            for k, buf in ((_MAIN, self.sigma), (_BOS, self.sigma_bos), (_EOT, self.sigma_eot)):
+                if self.stat_counts[k] > 0:
+                    mean = (self.stat_sums[k] / self.stat_counts[k]).to(buf.dtype)
+                    buf.copy_(momentum * buf + (1 - momentum) * mean)
+        self.stat_sums.zero_()
+        self.stat_counts.zero_()
+
+
+class RemovableLayerNorm(nn.Module):
+    """A LayerNorm (γ, β, eps) with one `NormSite` per path; returns one output per path.
+
+    Site names follow TransformerLens conventions: `blocks.{i}.ln1.qk`, `blocks.{i}.ln1.v`, `blocks.{i}.ln2`,
+    `ln_final`. `paths=("qk", "v")` gives two sites `{prefix}.qk`, `{prefix}.v`; `paths=("",)` one site `{prefix}`.
+    """
+
+    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",)):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.eps = eps
+        self.paths = paths
+        self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix) for p in paths)
+        self.collecting = False  # switched by `collect_norm_stats`; never checkpointed
+
+    def forward(self, x: Tensor, eot_mask: Tensor | None = None) -> list[Tensor]:
+        """x: (B, T, D) → one (B, T, D) output per path."""
+        if self.collecting:
+            # Measured on the side, without autograd, so the differentiable graph is the same whether or not
+            # statistics are collected (activation-checkpoint recomputes must save the same tensors).
+            with torch.no_grad():
+                std = x.var(-1, correction=0).add(self.eps).sqrt()  # (B, T)
+                for site in self.sites:
+                    if not site.is_frozen:
+                        site.accumulate(std, eot_mask)
+        if not any(s.is_frozen for s in self.sites):
+            # All live: one fused LN shared by every path.
+            y = nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            return [y] * len(self.sites)
+        centred = x - x.mean(-1, keepdim=True)  # (B, T, D)
+        std = None
+        if not all(s.is_frozen for s in self.sites):
+            std = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, 1)
+        B, T, _ = x.shape
+        outs, live_out = [], None
+        for site in self.sites:
+            if site.is_frozen:
+                outs.append(centred / site.frozen_divisor(B, T, eot_mask) * self.weight + self.bias)
+                continue
+            if live_out is None:  # live paths share one output
+                live_out = centred / std * self.weight + self.bias
+            outs.append(live_out)
+        return outs
+
+    def input_std(self, x: Tensor) -> Tensor:
+        """Per-token std of the input, (B, T), with the gradient kept (Baroni's auxiliary loss needs it)."""
+        centred = x - x.mean(-1, keepdim=True)
+        return (centred.pow(2).mean(-1) + self.eps).sqrt()

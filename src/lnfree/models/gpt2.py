@@ -1,0 +1,275 @@
+"""GPT-2 family: a compact pre-LN GPT-2 whose LayerNorms are removable, and its `transformers` mapping.
+
+Reads any `GPT2LMHeadModel` checkpoint (all sizes) and writes it back; a folded model (no normalization,
+untied lm_head with bias) is written with `architectures: ["LNFreeGPT2LMHeadModel"]`, model_type
+`lnfree_gpt2`. Layout differences from `transformers`: we use nn.Linear (weight (out, in)) where GPT-2 uses
+Conv1D (weight (in, out)), so every projection is transposed on the way in and out.
+
+Activation cache names follow TransformerLens: hook_embed, hook_pos_embed, blocks.{i}.hook_resid_pre,
+blocks.{i}.attn.hook_z, blocks.{i}.hook_attn_out, blocks.{i}.hook_resid_mid, blocks.{i}.hook_mlp_out,
+blocks.{i}.hook_resid_post, ln_final.hook_normalized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..method.fold import fold_layernorm_into_linear
+from ..method.sites import RemovableLayerNorm
+from .base import Family, LNModel
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 · n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    normalization: bool = True  # False: folded, norm-free, lm_head untied with bias
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def d_head(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.n_head, self.d = cfg.n_head, cfg.n_embd
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # rows: Q | K | V
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x_qk: Tensor, x_v: Tensor) -> Tensor:
+        """x_qk, x_v: (B, T, D) → z: (B, T, H, dh), the per-head mix of values before c_proj."""
+        B, T, D = x_qk.shape
+        if x_qk is x_v:  # one input: one matmul
+            q, k, v = self.c_attn(x_qk).split(D, dim=-1)
+        else:  # Q/K and V read different norm outputs: slice the packed weights, no duplicate work
+            w, b = self.c_attn.weight, self.c_attn.bias
+            q, k = F.linear(x_qk, w[: 2 * D], b[: 2 * D]).split(D, dim=-1)
+            v = F.linear(x_v, w[2 * D :], b[2 * D :])
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        return z.transpose(1, 2)  # (B, T, H, dh)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.d_mlp)
+        self.c_proj = nn.Linear(cfg.d_mlp, cfg.n_embd)
+        self.act = _ACTIVATIONS[cfg.activation_function]
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D) → (B, T, D)
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, i: int):
+        super().__init__()
+        self.i = i
+        eps, d = cfg.layer_norm_epsilon, cfg.n_embd
+        self.ln_1 = RemovableLayerNorm(d, eps, f"blocks.{i}.ln1", paths=("qk", "v")) if cfg.normalization else None
+        self.attn = Attention(cfg)
+        self.ln_2 = RemovableLayerNorm(d, eps, f"blocks.{i}.ln2") if cfg.normalization else None
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, eot_mask: Tensor | None, cache: dict | None) -> Tensor:  # (B, T, D)
+        x_qk, x_v = self.ln_1(x, eot_mask) if self.ln_1 is not None else (x, x)
+        z = self.attn(x_qk, x_v)  # (B, T, H, dh)
+        attn_out = self.attn.c_proj(z.flatten(2))
+        resid_mid = x + attn_out
+        mlp_in = self.ln_2(resid_mid, eot_mask)[0] if self.ln_2 is not None else resid_mid
+        mlp_out = self.mlp(mlp_in)
+        resid_post = resid_mid + mlp_out
+        if cache is not None:
+            p = f"blocks.{self.i}."
+            cache.update({p + "hook_resid_pre": x, p + "attn.hook_z": z, p + "hook_attn_out": attn_out,
+                          p + "hook_resid_mid": resid_mid, p + "hook_mlp_out": mlp_out,
+                          p + "hook_resid_post": resid_post})
+        return resid_post
+
+
+class GPT2(LNModel):
+    family = "gpt2"
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        if cfg.normalization:
+            self.ln_f = RemovableLayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, "ln_final")
+            self.lm_head = None  # tied to wte, as in GPT-2
+        else:
+            self.ln_f = None
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+
+    def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
+        """idx: (B, T) token ids → logits (B, T, V); with return_final_std also the ln_final input std (B, T)."""
+        B, T = idx.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's context {self.config.n_positions}")
+        eot_mask = self.eot_mask(idx)
+        embed, pos_embed = self.wte(idx), self.wpe(torch.arange(T, device=idx.device))  # (B, T, D), (T, D)
+        x = embed + pos_embed
+        if cache is not None:
+            cache.update({"hook_embed": embed, "hook_pos_embed": pos_embed.expand(B, T, -1)})
+        for block in self.h:
+            x = block(x, eot_mask, cache)
+        if self.ln_f is not None:
+            final = self.ln_f(x, eot_mask)[0]
+            logits = F.linear(final, self.wte.weight)  # (B, T, V)
+        else:
+            final = x
+            logits = self.lm_head(final)
+        if cache is not None:
+            cache["ln_final.hook_normalized"] = final
+        if return_final_std:
+            std = self.ln_f.input_std(x) if self.ln_f is not None else x.std(-1, correction=0)
+            return logits, std
+        return logits
+
+    @torch.no_grad()
+    def fold(self) -> GPT2:
+        self.check_foldable()
+        cfg = replace(self.config, normalization=False)
+        out = GPT2(cfg).to(dtype=self.wte.weight.dtype, device=self.wte.weight.device)
+        out.wte.weight.copy_(self.wte.weight)
+        out.wpe.weight.copy_(self.wpe.weight)
+        D = cfg.n_embd
+        for src, dst in zip(self.h, out.h):
+            dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("attn.", "mlp."))})
+            qk_site, v_site = src.ln_1.sites
+            g, b = src.ln_1.weight, src.ln_1.bias
+            w, bias = src.attn.c_attn.weight, src.attn.c_attn.bias
+            wqk, bqk = fold_layernorm_into_linear(g, b, qk_site.sigma, w[: 2 * D], bias[: 2 * D])
+            wv, bv = fold_layernorm_into_linear(g, b, v_site.sigma, w[2 * D :], bias[2 * D :])
+            dst.attn.c_attn.weight.copy_(torch.cat([wqk, wv]))
+            dst.attn.c_attn.bias.copy_(torch.cat([bqk, bv]))
+            wfc, bfc = fold_layernorm_into_linear(src.ln_2.weight, src.ln_2.bias, src.ln_2.sites[0].sigma,
+                                                  src.mlp.c_fc.weight, src.mlp.c_fc.bias)
+            dst.mlp.c_fc.weight.copy_(wfc)
+            dst.mlp.c_fc.bias.copy_(bfc)
+        wu, bu = fold_layernorm_into_linear(self.ln_f.weight, self.ln_f.bias, self.ln_f.sites[0].sigma,
+                                            self.wte.weight, None)
+        out.lm_head.weight.copy_(wu)
+        out.lm_head.bias.copy_(bu)
+        return out
+
+
+# ---- transformers checkpoint mapping --------------------------------------------------------------------------
+# Conv1D weights that are stored (in, out) in transformers and (out, in) here.
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_UNSUPPORTED_FLAGS = {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True,
+                      "scale_attn_weights": False, "add_cross_attention": True}
+NOLN_ARCHITECTURE, NOLN_MODEL_TYPE = "LNFreeGPT2LMHeadModel", "lnfree_gpt2"
+
+
+def config_from_hf(hf: dict) -> GPT2Config:
+    for key, bad in _UNSUPPORTED_FLAGS.items():
+        if hf.get(key) == bad:
+            raise ValueError(f"unsupported GPT-2 variant: config has {key}={bad}; lnfree supports standard GPT-2")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation_function {act!r}; supported: {', '.join(_ACTIVATIONS)}")
+    names = {f.name for f in fields(GPT2Config)}
+    cfg = GPT2Config(**{k: v for k, v in hf.items() if k in names})
+    cfg.normalization = hf.get("normalization", hf.get("model_type") != NOLN_MODEL_TYPE)
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    return cfg
+
+
+def config_to_hf(cfg: GPT2Config) -> dict:
+    hf = {k: v for k, v in asdict(cfg).items() if k != "normalization"}
+    hf.update(n_ctx=cfg.n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if cfg.normalization:
+        hf.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", tie_word_embeddings=True)
+    else:
+        hf.update(architectures=[NOLN_ARCHITECTURE], model_type=NOLN_MODEL_TYPE, tie_word_embeddings=False,
+                  normalization=False)
+    return hf
+
+
+def _strip_prefix(key: str) -> str:
+    return key[len("transformer."):] if key.startswith("transformer.") else key
+
+
+def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
+    cfg = config_from_hf(hf_config)
+    model = GPT2(cfg)
+    ours = model.state_dict()
+    loaded = {}
+    for key, tensor in state.items():
+        k = _strip_prefix(key)
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or (k == "lm_head.weight" and cfg.normalization):
+            continue  # causal-mask buffers of old checkpoints; the tied lm_head duplicate of wte
+        if k.endswith(_CONV1D):
+            tensor = tensor.t()
+        if k not in ours:
+            raise ValueError(f"unexpected tensor {key!r} in a GPT-2 checkpoint ({cfg.n_layer} layers)")
+        if tensor.shape != ours[k].shape:
+            raise ValueError(f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)}, "
+                             f"config expects {tuple(ours[k].shape)}")
+        loaded[k] = tensor
+    params = {k for k, _ in model.named_parameters()}
+    missing = sorted(params - loaded.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    model.load_state_dict(loaded, strict=False)  # σ̂ buffers keep their defaults; they are not in HF files
+    return model
+
+
+def to_hf(model: GPT2) -> tuple[dict, dict[str, Tensor]]:
+    state = {}
+    for k, tensor in model.state_dict().items():
+        if ".sites." in k:
+            continue  # σ̂ buffers have no place in a transformers checkpoint
+        if k.endswith(_CONV1D):
+            tensor = tensor.t()
+        state[k if k.startswith("lm_head.") else "transformer." + k] = tensor.contiguous()
+    return config_to_hf(model.config), state
+
+
+GPT2_FAMILY = Family(name="gpt2", architectures=("GPT2LMHeadModel", NOLN_ARCHITECTURE),
+                     model_types=("gpt2", NOLN_MODEL_TYPE), from_hf=from_hf, to_hf=to_hf)
+
+
+def init_weights(model: GPT2, seed: int = 0) -> GPT2:
+    """GPT-2's initialisation (normal 0.02; residual projections scaled by 1/sqrt(2·n_layer)), for pretraining."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif ".ln_" in name or name.startswith("ln_f"):
+                p.fill_(1.0)
+            else:
+                std = 0.02 / math.sqrt(2 * model.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model

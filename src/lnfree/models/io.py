@@ -1,0 +1,115 @@
+"""Load and save models in the `transformers` checkpoint format: a folder with config.json and safetensors.
+
+Sources are a local folder or a hub id. Weights load from safetensors, or from `pytorch_model.bin` with
+`torch.load(weights_only=True)` — never by unpickling arbitrary objects. Custom code from a checkpoint is never
+executed: lnfree reads the config itself and maps it to one of its own families.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .base import Family, LNModel
+from .gpt2 import GPT2_FAMILY
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2_FAMILY,)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+def family_of(hf_config: dict) -> Family:
+    """The family that reads this config.json, or a one-line error naming what was found and what works."""
+    archs = hf_config.get("architectures") or []
+    model_type = hf_config.get("model_type")
+    for family in FAMILIES.values():
+        if any(a in family.architectures for a in archs) or (not archs and model_type in family.model_types):
+            return family
+    supported = sorted(a for f in FAMILIES.values() for a in f.architectures)
+    found = ", ".join(archs) or f"model_type={model_type!r}"
+    raise ValueError(f"unsupported model architecture {found}; supported: {', '.join(supported)}")
+
+
+def resolve_model_dir(source: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub id fetched into the local hub cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; point at a transformers checkpoint folder")
+        return path
+    if str(source).count("/") > 1 or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such model folder: {source}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
+                    "generation_config.json", *TOKENIZER_FILES]
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated …
+        raise FileNotFoundError(f"cannot fetch model {source!r} from the hub ({type(e).__name__}); "
+                                "give a local checkpoint folder instead") from None
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    bin_file = folder / "pytorch_model.bin"
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder} has no model.safetensors (or pytorch_model.bin)")
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None) -> LNModel:
+    """Any supported `transformers` checkpoint (folder or hub id) → our model with every site live."""
+    folder = resolve_model_dir(source)
+    hf_config = json.loads((folder / "config.json").read_text())
+    family = family_of(hf_config)
+    model = family.from_hf(hf_config, read_state_dict(folder))
+    model.source = str(source)
+    return model.to(dtype) if dtype is not None else model
+
+
+def save_model(model: LNModel, out_dir: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files copied from a folder), atomically.
+
+    The folder appears complete or not at all: it is written beside the target and renamed into place.
+    A model with frozen sites cannot be written in this format (it would silently load as the all-live
+    original); fold it first.
+    """
+    if any(s.is_frozen for s in model.norm_sites().values()):
+        raise ValueError("model has frozen norm sites that a transformers checkpoint cannot express; "
+                         "call model.fold() (or save a run checkpoint) instead")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    family = FAMILIES[model.family]
+    hf_config, state = family.to_hf(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        if tokenizer_from is not None:
+            copy_tokenizer_files(Path(tokenizer_from), tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,96 @@
+"""Our GPT-2 against transformers' GPT2LMHeadModel: logits, round trips, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import make_hf_gpt2, random_tokens
+
+from lnfree.models import load_model, save_model
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd", [(1, 1, 16), (2, 4, 48), (3, 6, 90), (4, 8, 64), (2, 3, 60)])
+def test_logits_match_transformers(tmp_path, n_layer, n_head, n_embd):
+    hf = make_hf_gpt2(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seed=n_layer)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).eval()
+    idx = random_tokens()
+    with torch.no_grad():
+        err = (hf(idx).logits - ours(idx)).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_save_load_round_trip_is_identical(tmp_path, hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir).eval()
+    save_model(model, tmp_path / "out")
+    again = load_model(tmp_path / "out").eval()
+    idx = random_tokens()
+    with torch.no_grad():
+        assert torch.equal(model(idx), again(idx))
+    # the written folder is a plain GPT2LMHeadModel that transformers loads by itself
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= 1e-4
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+    # Older hub checkpoints ship only pytorch_model.bin; it is read with torch.load(weights_only=True).
+    hf = make_hf_gpt2()
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    ours = load_model(tmp_path).eval()
+    idx = random_tokens()
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() <= 1e-4
+
+
+def test_unsupported_architecture_names_found_and_supported(tmp_path, hf_gpt2_dir):
+    cfg = json.loads((hf_gpt2_dir / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (hf_gpt2_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*supported: .*GPT2LMHeadModel"):
+        load_model(hf_gpt2_dir)
+
+
+def test_shape_mismatch_is_one_line_error(hf_gpt2_dir):
+    cfg = json.loads((hf_gpt2_dir / "config.json").read_text())
+    cfg["n_embd"] = 64
+    (hf_gpt2_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape mismatch") as e:
+        load_model(hf_gpt2_dir)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(make_hf_gpt2().config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_frozen_model_refuses_plain_save(tmp_path, hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    next(iter(model.norm_sites().values())).frozen.fill_(True)
+    with pytest.raises(ValueError, match="fold"):
+        save_model(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_uses_transformer_lens_names(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir).eval()
+    cache = {}
+    with torch.no_grad():
+        logits = model(random_tokens(), cache=cache)
+    for name in ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_resid_mid",
+                 "blocks.1.attn.hook_z", "blocks.1.hook_resid_post", "ln_final.hook_normalized"):
+        assert name in cache
+    assert torch.allclose(cache["blocks.0.hook_resid_post"], cache["blocks.1.hook_resid_pre"])
+    # resid_post = resid_mid + mlp_out, and the unembedding of ln_final gives the logits
+    assert torch.allclose(cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"],
+                          cache["blocks.1.hook_resid_post"])
+    assert torch.allclose(cache["ln_final.hook_normalized"] @ model.wte.weight.T, logits, atol=1e-5)

@@ -1,0 +1,228 @@
+"""FakeLN sites against the papers' formula; σ̂ calibration and EMA rules; folding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import EOT, make_hf_gpt2, random_tokens
+from torch.utils.checkpoint import checkpoint
+
+from lnfree.method.calibrate import apply_site_states, calibrate
+from lnfree.method.schedule import SiteState
+from lnfree.method.sites import RemovableLayerNorm
+from lnfree.models import load_model
+
+
+def _layer(d=12, paths=("",)):
+    torch.manual_seed(0)
+    ln = RemovableLayerNorm(d, 1e-5, "blocks.0.ln2", paths=paths)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+        ln.bias.normal_(0, 0.3)
+    return ln
+
+
+def _fake_ln(x, sigma, ln):
+    """Heimersheim 2024: (x − mean(x)) / σ̂ · γ + β, σ̂ broadcast per position."""
+    return (x - x.mean(-1, keepdim=True)) / sigma * ln.weight + ln.bias
+
+
+def test_live_site_is_layernorm_with_and_without_stat_collection():
+    ln, x = _layer(), torch.randn(2, 5, 12) * 3
+    ref = F.layer_norm(x, (12,), ln.weight, ln.bias, 1e-5)
+    assert torch.allclose(ln(x)[0], ref, atol=1e-6)
+    ln.collecting = True
+    assert torch.allclose(ln(x)[0], ref, atol=1e-6)
+
+
+def test_frozen_site_divides_by_fixed_sigma():
+    ln, x = _layer(), torch.randn(2, 5, 12) * 3
+    site = ln.sites[0]
+    site.frozen.fill_(True)
+    site.sigma.fill_(2.5)
+    site.bos_weight.fill_(0.0)
+    site.eot_weight.fill_(0.0)
+    assert torch.allclose(ln(x)[0], _fake_ln(x, 2.5, ln), atol=1e-6)
+
+
+def test_position_zero_special_is_on_the_position_axis():
+    # The 2024 code indexed hidden channel 0; the special σ̂ belongs to sequence position 0.
+    ln, x = _layer(), torch.randn(2, 5, 12) * 3
+    site = ln.sites[0]
+    site.frozen.fill_(True)
+    site.sigma.fill_(2.0)
+    site.sigma_bos.fill_(40.0)
+    site.eot_weight.fill_(0.0)
+    out = ln(x)[0]
+    assert torch.allclose(out[:, 0], _fake_ln(x, 40.0, ln)[:, 0], atol=1e-6)  # every channel of position 0
+    assert torch.allclose(out[:, 1:], _fake_ln(x, 2.0, ln)[:, 1:], atol=1e-6)  # channel 0 elsewhere untouched
+
+
+def test_eot_special_and_geometric_easing():
+    ln, x = _layer(), torch.randn(2, 6, 12)
+    site = ln.sites[0]
+    site.frozen.fill_(True)
+    site.sigma.fill_(2.0)
+    site.sigma_bos.fill_(8.0)
+    site.sigma_eot.fill_(0.5)
+    eot = torch.zeros(2, 6, dtype=torch.bool)
+    eot[0, 3] = eot[1, 5] = True
+    site.bos_weight.fill_(0.5)
+    out = ln(x, eot)[0]
+    expected = torch.full((2, 6, 1), 2.0)
+    expected[0, 3] = expected[1, 5] = 0.5
+    expected[:, 0] = (2.0 * 8.0) ** 0.5  # halfway between, geometrically
+    assert torch.allclose(out, _fake_ln(x, expected, ln), atol=1e-6)
+
+
+def test_qk_and_v_paths_switch_independently():
+    ln, x = _layer(paths=("qk", "v")), torch.randn(2, 5, 12) * 3
+    qk, v = ln.sites
+    assert [qk.name, v.name] == ["blocks.0.ln2.qk", "blocks.0.ln2.v"]
+    for s in (qk, v):
+        s.bos_weight.fill_(0.0)
+        s.eot_weight.fill_(0.0)
+    qk.frozen.fill_(True)
+    qk.sigma.fill_(4.0)
+    out_qk, out_v = ln(x)
+    assert torch.allclose(out_qk, _fake_ln(x, 4.0, ln), atol=1e-6)
+    assert torch.allclose(out_v, F.layer_norm(x, (12,), ln.weight, ln.bias, 1e-5), atol=1e-6)
+
+
+def test_attention_reads_qk_and_v_from_their_own_paths(tmp_path):
+    """Block 0's attention output against a direct computation from transformers' weights."""
+    hf = make_hf_gpt2(n_layer=1, n_head=4, n_embd=48)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    idx = random_tokens()
+    model.h[0].ln_1.sites[0].frozen.fill_(True)  # Q/K path frozen at σ̂ = 3
+    model.h[0].ln_1.sites[0].sigma.fill_(3.0)
+    for s in model.norm_sites().values():
+        s.bos_weight.fill_(0.0)
+        s.eot_weight.fill_(0.0)
+    cache = {}
+    with torch.no_grad():
+        model(idx, cache=cache)
+        blk = hf.transformer.h[0]
+        x = hf.transformer.wte(idx) + hf.transformer.wpe(torch.arange(idx.shape[1]))
+        x_qk = (x - x.mean(-1, keepdim=True)) / 3.0 * blk.ln_1.weight + blk.ln_1.bias
+        x_v = blk.ln_1(x)
+        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias  # Conv1D: (in, 3D)
+        q, k, _ = (x_qk @ W + b).split(48, -1)
+        v = (x_v @ W + b)[..., 96:]
+        heads = lambda t: t.view(3, -1, 4, 12).transpose(1, 2)
+        att = (heads(q) @ heads(k).transpose(-1, -2)) / 12**0.5
+        att = att.masked_fill(torch.ones(24, 24, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        z = (att @ heads(v)).transpose(1, 2)
+    assert torch.allclose(cache["blocks.0.attn.hook_z"], z, atol=1e-5)
+
+
+# ---- σ̂ measurement -----------------------------------------------------------------------------------------
+def _std(x):
+    return (x.var(-1, correction=0) + 1e-5).sqrt()
+
+
+def test_calibration_measures_mean_std_with_position0_and_eot_apart(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    batches = [random_tokens(seed=s) for s in range(3)]
+    sigmas = calibrate(model, batches)
+    with torch.no_grad():
+        caches = []
+        for idx in batches:
+            caches.append({})
+            model(idx, cache=caches[-1])
+    resid = torch.cat([c["blocks.1.hook_resid_mid"] for c in caches])  # ln2 input of block 1
+    eot = torch.cat([b == EOT for b in batches])
+    std = _std(resid)
+    main = torch.ones_like(eot)
+    main[:, 0] = False
+    main &= ~eot
+    site = model.norm_sites()["blocks.1.ln2"]
+    assert sigmas["blocks.1.ln2"] == pytest.approx(std[main].mean().item(), rel=1e-5)
+    assert site.sigma_bos.item() == pytest.approx(std[:, 0].mean().item(), rel=1e-5)
+    eot[:, 0] = False
+    assert site.sigma_eot.item() == pytest.approx(std[eot].mean().item(), rel=1e-5)
+    assert sigmas["blocks.1.ln1.qk"] == sigmas["blocks.1.ln1.v"]  # one input, measured once for both paths
+
+
+def test_ema_once_per_step_training_forwards_only(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir).train()
+    calibrate(model, [random_tokens(seed=9)])
+    site_qk, site_v = model.h[0].ln_1.sites
+    before = site_qk.sigma.item()
+    idx = random_tokens(seed=1)
+    # evaluation forwards outside collect_norm_stats leave no trace
+    with torch.no_grad():
+        model(idx)
+    assert site_qk.stat_counts.sum() == 0
+    # a training forward with activation checkpointing: the recompute in backward is not counted
+    with model.collect_norm_stats():
+        logits = checkpoint(model, idx, use_reentrant=False)
+    counts_after_forward = site_qk.stat_counts.clone()
+    logits.sum().backward()
+    assert torch.equal(site_qk.stat_counts, counts_after_forward)
+    assert counts_after_forward.sum() == idx.numel()
+    with torch.no_grad():
+        cache = {}
+        model(idx, cache=cache)
+    std = _std(cache["blocks.0.hook_resid_pre"])
+    main = torch.ones_like(idx, dtype=torch.bool)
+    main[:, 0] = False
+    main &= idx != EOT
+    model.ema_step(0.9)
+    expected = 0.9 * before + 0.1 * std[main].mean().item()
+    # once per optimizer step, for each path — not twice for the shared ln_1
+    assert site_qk.sigma.item() == pytest.approx(expected, rel=1e-5)
+    assert site_v.sigma.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sigma_freezes_at_the_switch(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir).train()
+    calibrate(model, [random_tokens(seed=9)])
+    frozen = apply_site_states(model, {"blocks.0.ln2": SiteState(True, 1.0, 1.0)})
+    assert frozen == ["blocks.0.ln2"]
+    site = model.norm_sites()["blocks.0.ln2"]
+    live = model.norm_sites()["blocks.1.ln2"]
+    s_frozen, s_live = site.sigma.item(), live.sigma.item()
+    with model.collect_norm_stats():
+        model(random_tokens(seed=3) * 0 + 5)  # very different statistics
+    model.ema_step(0.0)
+    assert site.sigma.item() == s_frozen
+    assert live.sigma.item() != s_live
+
+
+def test_unknown_site_in_schedule_is_refused(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    with pytest.raises(ValueError, match="blocks.7.ln2"):
+        apply_site_states(model, {"blocks.7.ln2": SiteState(True, 0.0, 0.0)})
+
+
+# ---- folding ---------------------------------------------------------------------------------------------------
+def _freeze_all(model, bos=0.0, eot=0.0):
+    apply_site_states(model, {n: SiteState(True, bos, eot) for n in model.norm_sites()})
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd", [(1, 2, 16), (3, 6, 90)])
+def test_fold_gives_a_norm_free_model_with_equal_logits(tmp_path, n_layer, n_head, n_embd):
+    make_hf_gpt2(n_layer=n_layer, n_head=n_head, n_embd=n_embd).save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    calibrate(model, [random_tokens(seed=5)])
+    _freeze_all(model)
+    folded = model.fold().eval()
+    assert not folded.has_normalization
+    assert not any(isinstance(m, (torch.nn.LayerNorm, RemovableLayerNorm)) for m in folded.modules())
+    assert folded.lm_head is not None and folded.lm_head.bias is not None  # untied, with bias
+    idx = random_tokens(seed=6)
+    with torch.no_grad():
+        err = (model(idx) - folded(idx)).abs().max().item()
+    assert err <= 1e-4, err
+
+
+def test_fold_refuses_live_sites_and_specials(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    with pytest.raises(ValueError, match="still live"):
+        model.fold()
+    _freeze_all(model, bos=1.0)
+    with pytest.raises(ValueError, match="special"):
+        model.fold()
