@@ -94,3 +94,24 @@ def test_cache_uses_transformer_lens_names(hf_gpt2_dir):
     assert torch.allclose(cache["blocks.1.hook_resid_mid"] + cache["blocks.1.hook_mlp_out"],
                           cache["blocks.1.hook_resid_post"])
     assert torch.allclose(cache["ln_final.hook_normalized"] @ model.wte.weight.T, logits, atol=1e-5)
+
+
+def test_published_ln_free_convention_is_read_as_frozen_sites(tmp_path):
+    """A GPT2LMHeadModel saved with eps=1e12 and LN weights ×1e6/σ̂ (apollo-research/gpt2_noLN,
+    schaeff/gpt2-*_LNFree*) loads as every site frozen at σ̂ = 1e6; its fold equals transformers' logits."""
+    hf = make_hf_gpt2()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if ".ln_" in name and name.endswith("weight"):
+                p.mul_(1e6 / 3.0)  # γ/σ̂ with σ̂ = 3, times 1e6
+    hf.config.layer_norm_epsilon = 1e12
+    hf.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_model(tmp_path).eval()
+    assert all(s.is_frozen and s.sigma.item() == 1e6 for s in model.norm_sites().values())
+    folded = model.fold().eval()
+    idx = random_tokens()
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (ref - model(idx)).abs().max().item() <= 1e-4
+        assert (ref - folded(idx)).abs().max().item() <= 1e-4

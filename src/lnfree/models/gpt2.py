@@ -242,7 +242,26 @@ def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
     model.load_state_dict(loaded, strict=False)  # σ̂ buffers keep their defaults; they are not in HF files
+    if cfg.normalization and cfg.layer_norm_epsilon >= PUBLISHED_NOLN_MIN_EPS:
+        _adopt_published_noln_convention(model)
     return model
+
+
+# The published LN-free GPT-2s (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*) are plain GPT2LMHeadModels
+# whose LNs have eps = 1e12 and weights scaled by 1e6 (÷σ̂): sqrt(var + eps) ≈ sqrt(eps) makes every LN a fixed
+# division. Such a file is read as what it means — every site frozen at σ̂ = sqrt(eps), no specials — so that
+# fold() gives the exact norm-free model. The stored function differs from that by a relative var/(2·eps)
+# (< 1e-6 for residual std below 1e3).
+PUBLISHED_NOLN_MIN_EPS = 1e6
+
+
+def _adopt_published_noln_convention(model: GPT2) -> None:
+    sigma = math.sqrt(model.config.layer_norm_epsilon)
+    for site in model.norm_sites().values():
+        site.frozen.fill_(True)
+        site.sigma.fill_(sigma)
+        site.bos_weight.fill_(0.0)
+        site.eot_weight.fill_(0.0)
 
 
 def to_hf(model: GPT2) -> tuple[dict, dict[str, Tensor]]:
