@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import make_hf_gpt2, random_tokens
 
+from conftest import make_hf_gpt2, random_tokens
 from lnfree.models import load_model, save_model
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EOT, make_hf_gpt2, random_tokens
 from torch.utils.checkpoint import checkpoint
 
+from conftest import EOT, make_hf_gpt2, random_tokens
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import SiteState
 from lnfree.method.sites import RemovableLayerNorm

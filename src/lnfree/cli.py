@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 
 def _add_schedule(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,137 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_schedule]
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="stdlib | a local file/folder | a hub dataset (openwebtext, pile …)")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--steps", type=int, help="optimizer steps (a preset's schedule is rescaled to fit)")
+    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward")
+    p.add_argument("--ctx", type=int, help="tokens per sequence")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--warmup", type=int, dest="warmup_steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_OVERRIDES = ("steps", "batch_tokens", "micro_batch", "ctx", "lr", "min_lr", "warmup_steps", "seed", "compile",
+              "activation_checkpointing", "checkpoint_every", "aux_weight", "ema_momentum")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
+
+
+def _add_remove(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
+    p.add_argument("model", help="GPT2LMHeadModel folder or hub id")
+    _add_train_options(p)
+    p.add_argument("--preset", default="baroni2025")
+    p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
+    p.add_argument("--ema-momentum", type=float, help="σ̂ EMA momentum while a site is live (1: fixed)")
+    p.add_argument("--control", action="store_true", help="same run with every LayerNorm kept (vanilla control)")
+    p.set_defaults(func=_run_remove)
+
+
+def _run_remove(args: argparse.Namespace) -> int:
+    from .models.io import resolve_model_dir
+    from .runs import removal_plan, run_removal
+
+    model_dir = resolve_model_dir(args.model)
+    n_layer = json.loads((model_dir / "config.json").read_text()).get("n_layer", 0)
+    _, schedule, name = removal_plan(n_layer, args.preset, _overrides(args))
+    if not args.control:
+        print(f"# preset {name} on {n_layer} layers, {schedule.total_steps} steps")
+        print(schedule.format_timeline())
+    result = run_removal(args.model, args.data, args.out, preset=args.preset, overrides=_overrides(args),
+                         control=args.control, resume=args.resume, cache_root=args.cache_dir,
+                         progress=not args.quiet)
+    print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
+          f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train a small GPT-2 (with LayerNorm) from scratch")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (AutoTokenizer)")
+    _add_train_options(p)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .models.gpt2 import GPT2, GPT2Config, init_weights
+    from .runs import run_pretrain
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    defaults = TrainConfig(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256, lr=3e-3, min_lr=3e-4,
+                           warmup_steps=50, weight_decay=0.1, ema_momentum=1.0)
+    cfg = replace(defaults, **_overrides(args))
+    model_cfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.ctx, n_embd=args.d_model, n_layer=args.layers,
+                           n_head=args.heads, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = init_weights(GPT2(model_cfg), seed=cfg.seed)
+    result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
+                          cache_root=args.cache_dir, progress=not args.quiet)
+    print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="CE on OpenWebText / The Pile (papers' protocol), lm-eval benchmarks, tables")
+    p.add_argument("models", nargs="+", help="model folders, run folders (their final/) or hub ids")
+    p.add_argument("--data", default="", help="comma list: owt-val, pile, pile-filtered, stdlib-val or a PATH")
+    p.add_argument("--tokens", type=int, help="evaluate only the first N tokens of each dataset")
+    p.add_argument("--ctx", type=int, help="sequence length (default min(1024, the models' context))")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", type=Path, help="write results (with the Δ table) as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
+    p.add_argument("--baseline", help="model name whose column the others are compared with (Δ)")
+    p.add_argument("--kl-reference", help="also report KL(reference ‖ model) on the same tokens")
+    p.add_argument("--tasks", default="", help="lm-eval tasks, comma list: hellaswag, piqa, winogrande, boolq, lambada")
+    p.add_argument("--limit", type=float, help="examples per lm-eval task (smoke tests only)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. local, offline copies)")
+    p.add_argument("--names", help="comma list of column names, one per model")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the models' own)")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--top-k", type=int, default=5, help="highest-loss sequences to list per model and dataset")
+    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_markdown, run_eval, with_table
+
+    split = lambda s: [x.strip() for x in (s or "").split(",") if x.strip()]
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_eval(args.models, split(args.data), names=split(args.names) or None, tokenizer=args.tokenizer,
+                       ctx=args.ctx, max_tokens=args.tokens, dtype=args.dtype, batch_size=args.batch_size,
+                       kl_reference=args.kl_reference, tasks=split(args.tasks), limit=limit,
+                       include_path=args.include_path, device=args.device, top_k=args.top_k,
+                       cache_root=args.cache_dir, baseline=args.baseline, progress=not args.quiet)
+    markdown = format_markdown(results, args.baseline)
+    print(markdown)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(with_table(results, args.baseline), indent=2))
+    return 0
+
+
+COMMANDS = [_add_schedule, _add_remove, _add_pretrain, _add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataSourceError
+    from .train import TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, DataSourceError, TrainingDiverged) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"lnfree: error: {msg}", file=sys.stderr)
         return 2

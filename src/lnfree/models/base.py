@@ -25,6 +25,7 @@ class LNModel(nn.Module):
 
     config: object
     family: str
+    gradient_checkpointing: bool = False  # recompute each block in backward to save activation memory
 
     # ---- sites --------------------------------------------------------------------------------------------
     def norm_layers(self) -> list[RemovableLayerNorm]:
@@ -95,3 +96,7 @@ class Family:
     from_hf: Callable[[dict, dict[str, Tensor]], LNModel]
     # model -> (hf config dict, state dict of tensors) in the family's native layout
     to_hf: Callable[[LNModel], tuple[dict, dict[str, Tensor]]]
+    # hf config dict -> freshly initialised model (run checkpoints then load our own state dict into it)
+    build: Callable[[dict], LNModel]
+    # model -> its hf config dict
+    config_dict: Callable[[LNModel], dict]

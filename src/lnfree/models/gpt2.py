@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..method.fold import fold_layernorm_into_linear
 from ..method.sites import RemovableLayerNorm
@@ -62,7 +63,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # rows: Q | K | V
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x_qk: Tensor, x_v: Tensor) -> Tensor:
+    def forward(self, x_qk: Tensor, x_v: Tensor, cache: dict | None = None, prefix: str = "") -> Tensor:
         """x_qk, x_v: (B, T, D) → z: (B, T, H, dh), the per-head mix of values before c_proj."""
         B, T, D = x_qk.shape
         if x_qk is x_v:  # one input: one matmul
@@ -73,6 +74,10 @@ class Attention(nn.Module):
             v = F.linear(x_v, w[2 * D :], b[2 * D :])
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        if cache is not None:  # the pattern is only materialised when someone asks to look at it
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+            cache[prefix + "attn.hook_pattern"] = scores.masked_fill(causal, float("-inf")).softmax(-1)
         return z.transpose(1, 2)  # (B, T, H, dh)
 
 
@@ -99,7 +104,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, eot_mask: Tensor | None, cache: dict | None) -> Tensor:  # (B, T, D)
         x_qk, x_v = self.ln_1(x, eot_mask) if self.ln_1 is not None else (x, x)
-        z = self.attn(x_qk, x_v)  # (B, T, H, dh)
+        z = self.attn(x_qk, x_v, cache, f"blocks.{self.i}.")  # (B, T, H, dh)
         attn_out = self.attn.c_proj(z.flatten(2))
         resid_mid = x + attn_out
         mlp_in = self.ln_2(resid_mid, eot_mask)[0] if self.ln_2 is not None else resid_mid
@@ -140,7 +145,10 @@ class GPT2(LNModel):
         if cache is not None:
             cache.update({"hook_embed": embed, "hook_pos_embed": pos_embed.expand(B, T, -1)})
         for block in self.h:
-            x = block(x, eot_mask, cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, eot_mask, None, use_reentrant=False)  # recompute in backward
+            else:
+                x = block(x, eot_mask, cache)
         if self.ln_f is not None:
             final = self.ln_f(x, eot_mask)[0]
             logits = F.linear(final, self.wte.weight)  # (B, T, V)
@@ -162,7 +170,7 @@ class GPT2(LNModel):
         out.wte.weight.copy_(self.wte.weight)
         out.wpe.weight.copy_(self.wpe.weight)
         D = cfg.n_embd
-        for src, dst in zip(self.h, out.h):
+        for src, dst in zip(self.h, out.h, strict=True):
             dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("attn.", "mlp."))})
             qk_site, v_site = src.ln_1.sites
             g, b = src.ln_1.weight, src.ln_1.bias
@@ -276,7 +284,8 @@ def to_hf(model: GPT2) -> tuple[dict, dict[str, Tensor]]:
 
 
 GPT2_FAMILY = Family(name="gpt2", architectures=("GPT2LMHeadModel", NOLN_ARCHITECTURE),
-                     model_types=("gpt2", NOLN_MODEL_TYPE), from_hf=from_hf, to_hf=to_hf)
+                     model_types=("gpt2", NOLN_MODEL_TYPE), from_hf=from_hf, to_hf=to_hf,
+                     build=lambda hf: GPT2(config_from_hf(hf)), config_dict=lambda m: config_to_hf(m.config))
 
 
 def init_weights(model: GPT2, seed: int = 0) -> GPT2:

@@ -1,0 +1,97 @@
+"""Whole runs as library calls — what `lnfree remove` and `lnfree pretrain` do, usable from Python too.
+
+A run folder holds run.json (settings, schedule), metrics.jsonl, loss.png, checkpoints/ and, at the end,
+final/ — a `transformers` checkpoint (LN-free runs: folded, no normalization) with the tokenizer beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import SequenceSampler, build_token_cache
+from .method.schedule import Schedule, control_schedule
+from .models import load_model, save_model
+from .models.base import LNModel
+from .models.io import resolve_model_dir
+from .plots import plot_loss
+from .recipes import get_recipe, recipe_schedule
+from .tokenizer import load_tokenizer, tokenizer_fingerprint
+from .train import RunResult, train
+
+# Calibration draws from its own stream so that an LN-free run and its control see the same training data.
+_CALIBRATION_SEED_OFFSET = 1_000_003
+
+
+def removal_plan(n_layer: int, preset: str, overrides: dict) -> tuple[TrainConfig, Schedule, str]:
+    """The preset's training settings with CLI overrides, and its schedule rescaled to the run's steps."""
+    recipe = get_recipe(preset, n_layer)
+    cfg = replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
+    schedule = recipe_schedule(recipe, n_layer, cfg.steps)
+    cfg = replace(cfg, steps=schedule.total_steps)
+    return cfg, schedule, recipe.name
+
+
+def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model.config.vocab_size}; use the model's own tokenizer")
+
+
+def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None):
+    cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root)
+    if cache.n_sequences(cfg.ctx) < cfg.micro_batch:
+        raise ValueError(f"data source {data!r} has only {cache.n_sequences(cfg.ctx)} sequences of {cfg.ctx} "
+                         f"tokens; give more text or a smaller --ctx")
+    return cache
+
+
+def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "baroni2025",
+                overrides: dict | None = None, control: bool = False, resume: bool = False,
+                cache_root: Path | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune `model_source` on `data`, removing every LN by `preset` (or keeping them: control)."""
+    out_dir = Path(out_dir)
+    model_dir = resolve_model_dir(model_source)
+    model = load_model(model_dir)
+    if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
+        raise ValueError(f"{model_source} has no live LayerNorm to remove")
+    tokenizer = load_tokenizer(model_dir)
+    _check_vocab(model, tokenizer, str(model_source))
+    cfg, schedule, recipe_name = removal_plan(model.config.n_layer, preset, overrides or {})
+    if resume and (out_dir / "run.json").exists():  # continue exactly what was started
+        saved = json.loads((out_dir / "run.json").read_text())
+        cfg, schedule = TrainConfig.from_dict(saved["train"]), Schedule.from_dict(saved["schedule"])
+    if control:
+        schedule = control_schedule(schedule.total_steps)
+    if cfg.ctx > model.config.n_positions:
+        raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.config.n_positions} tokens")
+    cache = _token_stream(data, tokenizer, cfg, cache_root)
+    sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed)
+    calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET)
+    calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
+    extra = {"model": str(model_source), "data": data, "preset": recipe_name,
+             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest}
+    result = train(model, sampler, cfg, schedule, out_dir, calibration_batches=calibration, resume=resume,
+                   mode="control" if control else "lnfree", extra=extra, progress=progress)
+    final = result.model.fold() if not control else result.model
+    save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
+    plot_loss(out_dir)
+    return result
+
+
+def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, cfg: TrainConfig, *,
+                 resume: bool = False, cache_root: Path | None = None, progress: bool = True) -> RunResult:
+    """Train `model` from its initialisation with every LN live (the offline analog's pretraining)."""
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _check_vocab(model, tokenizer, str(tokenizer_dir))
+    cache = _token_stream(data, tokenizer, cfg, cache_root)
+    extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+             "data_manifest": cache.manifest}
+    result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),
+                   out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress)
+    save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
+    plot_loss(out_dir)
+    return result

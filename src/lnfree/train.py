@@ -1,0 +1,203 @@
+"""The training loop: LN removal fine-tuning, its vanilla control, and pretraining — one loop.
+
+Short on purpose: schedules (method/schedule.py), σ̂ (method/calibrate.py), data (data.py), checkpoints
+(checkpoint.py) and plots (plots.py) live elsewhere. Per optimizer step:
+    1. put every site in the schedule's state for this step (σ̂ freezes at the switch)
+    2. gradient accumulation over micro-batches; CE over every next-token prediction, EOT targets included
+       (the 2025 code masked them out); Baroni's auxiliary loss when its weight > 0
+    3. clip, AdamW step, then one EMA update of σ̂ at live sites from this step's training forwards
+    4. spike guard, metrics line, checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .method.calibrate import apply_site_states, calibrate
+from .method.schedule import Schedule
+from .models.base import LNModel
+from .models.io import FAMILIES
+
+
+class Sampler(Protocol):
+    def next_batch(self, n: int) -> Tensor: ...  # (n, ctx) token ids
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss went non-finite or spiked; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    steps_run: int
+    final_loss: float
+    tokens: int
+    wall_seconds: float
+    model: LNModel
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: LNModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only, never on biases or LN gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def aux_std_loss(final_std: Tensor, eot_mask: Tensor | None) -> Tensor:
+    """Baroni et al. 2025: mean over tokens of (σ_t − σ̄)², σ_t the per-token std of the ln_final input and
+    σ̄ its mean over positions other than 0 and EOT, held fixed (no gradient through σ̄)."""
+    regular = torch.ones_like(final_std, dtype=torch.bool)
+    regular[:, 0] = False
+    if eot_mask is not None:
+        regular &= ~eot_mask
+    sigma_bar = final_std.detach()[regular].mean()
+    return (final_std - sigma_bar).pow(2).mean()
+
+
+def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
+    """Mean CE over every next-token prediction within each sequence (EOT targets count)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
+          calibration_batches: list[Tensor] | None = None, resume: bool = False, mode: str = "lnfree",
+          extra: dict | None = None, progress: bool = True) -> RunResult:
+    """Run (or resume) `schedule.total_steps` optimizer steps, writing metrics.jsonl and checkpoints to run_dir.
+
+    mode: "lnfree" (the schedule removes LNs), "control" (same run, every LN kept), "pretrain" (from scratch).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = _device()
+    seqs_per_step = cfg.sequences_per_step()
+    n_micro = seqs_per_step // cfg.micro_batch
+    model.to(device).train()
+    model.gradient_checkpointing = cfg.activation_checkpointing
+    optimizer = make_optimizer(model, cfg, device)
+    history: list[float] = []
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; drop --resume to start")
+    if ckpt is not None:
+        _, state = load_checkpoint(ckpt, model, optimizer)
+        sampler.load_state_dict(state.data)
+        start, history = state.step, list(state.history)
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+    else:
+        (run_dir / "metrics.jsonl").write_text("")
+        if mode == "lnfree":
+            if not calibration_batches:
+                raise ValueError("an LN-removal run needs calibration batches to measure σ̂")
+            calibrate(model, [b.to(device) for b in calibration_batches])
+    run_info = {"mode": mode, "train": cfg.to_dict(), "schedule": schedule.to_dict(), **(extra or {})}
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
+    fwd = torch.compile(model) if cfg.compile else model
+    collect = mode == "lnfree" and cfg.ema_momentum < 1.0
+    n_sites = len(model.norm_sites())
+    tokens_per_step = seqs_per_step * cfg.ctx
+    bar = tqdm(range(start, schedule.total_steps), initial=start, total=schedule.total_steps, disable=not progress,
+               desc=f"{mode} {run_dir.name}", unit="step", dynamic_ncols=True)
+    t_start, loss_value, last_ckpt = time.time(), float("nan"), ckpt
+    for step in bar:
+        t0 = time.time()
+        newly_frozen = apply_site_states(model, schedule.state_at(step)) if mode == "lnfree" else []
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ce_sum, aux_sum = 0.0, 0.0
+        for _ in range(n_micro):
+            idx = sampler.next_batch(cfg.micro_batch).to(device, non_blocking=True)
+            with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
+                if cfg.aux_weight > 0:
+                    logits, final_std = fwd(idx, return_final_std=True)
+                    aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
+                else:
+                    logits, aux = fwd(idx), torch.zeros((), device=device)
+                ce = next_token_loss(logits, idx)
+            ((ce + cfg.aux_weight * aux) / n_micro).backward()
+            ce_sum += ce.item()
+            aux_sum += aux.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        loss_value = ce_sum / n_micro
+        _guard(loss_value, history, cfg, step, last_ckpt)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if collect:
+            model.ema_step(cfg.ema_momentum)
+        history = (history + [loss_value])[-50:]
+        frozen = sum(s.is_frozen for s in model.norm_sites().values())
+        dt = time.time() - t0
+        record = {"step": step, "loss": loss_value, "aux_loss": aux_sum / n_micro, "lr": lr,
+                  "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                  "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
+        if newly_frozen:
+            record["events"] = newly_frozen
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                        frozen=f"{frozen}/{n_sites}")
+        done = step + 1 == schedule.total_steps
+        if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+            state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
+                             data=sampler.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
+                             family=model.family, history=history, extra={"mode": mode})
+            last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
+    bar.close()
+    steps_run = schedule.total_steps - start
+    return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=schedule.total_steps * tokens_per_step,
+                     wall_seconds=time.time() - t_start, model=model)
+
+
+def _guard(loss: float, history: list[float], cfg: TrainConfig, step: int, last_ckpt: Path | None) -> None:
+    """Stop before the optimizer applies a non-finite or spiking step; the last checkpoint stays as it was."""
+    bad = not math.isfinite(loss)
+    if not bad and len(history) >= 10:
+        bad = loss > cfg.spike_factor * statistics.median(history)
+    if bad:
+        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+        raise TrainingDiverged(f"step {step}: loss {loss:.4g} is not finite or > {cfg.spike_factor}× the recent "
+                               f"median; stopped ({where}); resume with a lower --lr or a gentler preset")
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop metric lines of steps at or after `start` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+    path.write_text("".join(line + "\n" for line in keep))
