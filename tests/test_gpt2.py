@@ -115,3 +115,27 @@ def test_published_ln_free_convention_is_read_as_frozen_sites(tmp_path):
         ref = hf(idx).logits
         assert (ref - model(idx)).abs().max().item() <= 1e-4
         assert (ref - folded(idx)).abs().max().item() <= 1e-4
+
+
+def test_attention_pattern_matches_transformers(tmp_path):
+    hf = make_hf_gpt2(n_layer=2, n_head=4, n_embd=48)
+    hf.config._attn_implementation = "eager"  # transformers returns attention weights from the eager path
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path).eval()
+    idx = random_tokens()
+    cache = {}
+    with torch.no_grad():
+        model(idx, cache=cache)
+        attentions = hf(idx, output_attentions=True).attentions
+    for i, ref in enumerate(attentions):
+        assert torch.allclose(cache[f"blocks.{i}.attn.hook_pattern"], ref, atol=1e-5)
+
+
+def test_untied_lm_head_is_refused(tmp_path, hf_gpt2_dir):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(hf_gpt2_dir / "model.safetensors")
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0
+    save_file(state, hf_gpt2_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="untied lm_head"):
+        load_model(hf_gpt2_dir)

@@ -159,7 +159,67 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_schedule, _add_remove, _add_pretrain, _add_eval]
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo on a GPT-2 analog pretrained on the Python stdlib")
+    p.add_argument("--out", type=Path, default=Path("lnfree-demo"), help="report folder (default ./lnfree-demo)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached tokenizer/pretraining; rebuild everything")
+    p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import quick_config, run_demo
+
+    run_demo(args.out, quick_config() if args.quick else None, fresh=args.fresh)
+    return 0
+
+
+COMMANDS = [_add_schedule, _add_remove, _add_pretrain, _add_eval, _add_demo]
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write an LN-free model as a parity-checked transformers checkpoint")
+    p.add_argument("source", help="folded model, published eps=1e12 model, run folder, or any model folder")
+    p.add_argument("--out", required=True, type=Path, help="export folder (written atomically)")
+    p.add_argument("--format", default="hf", choices=("hf", "hf-compat"), dest="fmt",
+                   help="hf: LNFreeGPT2LMHeadModel (no norms); hf-compat: plain GPT2LMHeadModel, eps=1e12")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export.core import PARITY_TOL, export_model
+
+    result = export_model(args.source, args.out, args.fmt, push_to_hub=args.push_to_hub)
+    parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
+    fp32 = ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
+    print(f"wrote {result.path} ({result.format}); reload parity, max-abs logits: {parity} in float64 "
+          f"(gate ≤ {PARITY_TOL:.0e}); {fp32} in float32")
+    if args.push_to_hub:
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a model is LN-free: structure, exact DLA, export parity")
+    p.add_argument("model", help="model folder, run folder or hub id")
+    p.add_argument("--no-exports", action="store_true", help="skip the export round trips")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .export.verify import verify
+
+    report = verify(args.model, exports=not args.no_exports)
+    print("\n".join(report.figures()))
+    for failure in report.failures:
+        print(f"FAIL: {failure}")
+    print("PASS: no normalization; direct logit attribution exact; exports reload with parity"
+          if report.passed else f"verify failed for {args.model}")
+    return 0 if report.passed else 1
+
+
+COMMANDS += [_add_export, _add_verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

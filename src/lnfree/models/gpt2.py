@@ -235,8 +235,14 @@ def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
     loaded = {}
     for key, tensor in state.items():
         k = _strip_prefix(key)
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or (k == "lm_head.weight" and cfg.normalization):
-            continue  # causal-mask buffers of old checkpoints; the tied lm_head duplicate of wte
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of old checkpoints
+        if k == "lm_head.weight" and cfg.normalization:
+            wte = state.get("transformer.wte.weight", state.get("wte.weight"))
+            if wte is not None and not torch.equal(tensor, wte):
+                raise ValueError("this GPT-2 has an untied lm_head (tie_word_embeddings=false), which lnfree's "
+                                 "GPT-2 with LayerNorm does not support; tie it or export it norm-free")
+            continue  # the tied duplicate of wte
         if k.endswith(_CONV1D):
             tensor = tensor.t()
         if k not in ours:

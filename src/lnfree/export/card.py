@@ -1,0 +1,146 @@
+"""Model card (`README.md`) for an export: what the model is, how it was made, how well it does, how to load it.
+
+Training facts come only from files of the source's run folder — `run.json` (mode, train settings,
+schedule), `metrics.jsonl` (per-step records) and `eval*.json` (evaluation results) — and the card says
+"not available" for whatever is missing rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core import ExportResult, Source
+
+_FORMAT_TEXT = {
+    "hf": "`hf` — `LNFreeGPT2LMHeadModel` (model_type `lnfree_gpt2`): GPT-2 with no normalization modules at all "
+          "and an untied `lm_head` with a bias. transformers loads it after `import lnfree` (no remote code).",
+    "hf-compat": "`hf-compat` — a stock `GPT2LMHeadModel` in the published LN-free convention: every LayerNorm has "
+                 "eps = 1e12 and weight 1e6 (ln_f: 1e6·γ/σ̂ and β), so each LN is a fixed centring. Loads with "
+                 "zero extra code; use it in fp32 or bf16 (fp16 overflows the 1e6 weights).",
+}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict):
+        return [row for k, v in d.items() for row in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), d)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("setting", "value")) -> str:
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _training_section(run_dir: Path | None) -> str:
+    run = _read_json(run_dir / "run.json") if run_dir else None
+    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
+    parts = ["## Training"]
+    if not run and not (metrics_path and metrics_path.is_file()):
+        return "## Training\n\nNot available: no `run.json` or `metrics.jsonl` beside the source model."
+    if run:
+        parts.append(f"Mode: `{run.get('mode', 'unknown')}`.")
+        if isinstance(run.get("train"), dict):
+            parts += ["### Training settings", _table(_flatten(run["train"]))]
+        if isinstance(run.get("schedule"), dict):
+            parts += ["### LayerNorm-removal schedule", _table(_flatten(run["schedule"]))]
+        extra = {k: v for k, v in run.items() if k not in ("mode", "train", "schedule")}
+        if extra:
+            parts += ["### Other run facts", _table(_flatten(extra))]
+    if metrics_path and metrics_path.is_file():
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if records:
+            last = records[-1]
+            events = sum(len(r.get("events", [])) for r in records)
+            rows = [("steps logged", len(records)), ("final step", last.get("step")),
+                    ("final loss", last.get("loss")), ("tokens", last.get("tokens")),
+                    ("frozen sites at end", f"{last.get('frozen_sites')}/{last.get('n_sites')}"),
+                    ("site-freeze events", events)]
+            parts += ["### Run summary (metrics.jsonl)", _table([r for r in rows if r[1] is not None], ("", ""))]
+    return "\n\n".join(parts)
+
+
+def _eval_section(run_dir: Path | None) -> str:
+    files = sorted(run_dir.glob("eval*.json")) if run_dir else []
+    tables = []
+    for path in files:
+        data = _read_json(path)
+        if data is not None:
+            tables += [f"### {path.name}", _table(_flatten(data), ("metric", "value"))]
+    if not tables:
+        return "## Evaluation\n\nNot available: no `eval*.json` beside the source model."
+    return "\n\n".join(["## Evaluation", *tables])
+
+
+def _loading_section(fmt: str) -> str:
+    hf_load = ("import lnfree  # registers LNFreeGPT2LMHeadModel with transformers\n" if fmt == "hf" else "")
+    return f"""## Loading
+
+transformers:
+```python
+{hf_load}from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("MODEL_DIR")
+tokenizer = AutoTokenizer.from_pretrained("MODEL_DIR")
+```
+
+TransformerLens (4.x `TransformerBridge`; norm hooks are identities, `decompose_resid` sums exactly):
+```python
+from lnfree.interop import to_transformer_lens
+bridge = to_transformer_lens("MODEL_DIR")
+logits, cache = bridge.run_with_cache("Hello world")
+```
+
+nnsight:
+```python
+from lnfree.interop import to_nnsight
+model = to_nnsight("MODEL_DIR")
+with model.trace("Hello world"):
+    resid = model.transformer.h[3].output.save()
+```
+
+Check it: `lnfree verify MODEL_DIR` (no live normalization, exact direct logit attribution, export parity)."""
+
+
+def render_card(src: Source, result: ExportResult) -> str:
+    cfg = src.model.config
+    parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
+    parity += "; in float32: " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
+    arch = [("layers", cfg.n_layer), ("d_model", cfg.n_embd), ("heads", cfg.n_head), ("d_mlp", cfg.d_mlp),
+            ("vocab", cfg.vocab_size), ("context", cfg.n_positions), ("activation", cfg.activation_function)]
+    return "\n\n".join([
+        "---\nlibrary_name: transformers\ntags:\n- lnfree\n- layernorm-free\n- gpt2\n---",
+        "# LayerNorm-free GPT-2",
+        f"Exported by `lnfree export` from `{src.name}`"
+        + (" (frozen norm sites folded into the weights)." if src.folded_here else "."),
+        "The model has no normalization: the residual stream is read by linear maps only, so direct logit "
+        "attribution is exact (logits = Σ components · W_U + b_U).",
+        f"Format: {_FORMAT_TEXT[result.format]}",
+        f"Reload parity (max-abs logits vs the source, evaluated in float64 from the stored weights): {parity}.",
+        "## Architecture\n\n" + _table(arch),
+        _training_section(src.run_dir),
+        _eval_section(src.run_dir),
+        _loading_section(result.format),
+    ]) + "\n"
+
+
+def write_card(folder: Path, src: Source, result: ExportResult) -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(render_card(src, result))
+    return path

@@ -1,0 +1,300 @@
+"""Export pipeline: resolve a source, make it norm-free, write a format, reload it, check parity, publish.
+
+Sources (`load_norm_free`):
+  * a folded model folder (`LNFreeGPT2LMHeadModel`) — used as is;
+  * a published LN-free GPT-2 (eps = 1e12, weights ×1e6/σ̂) — our loader reads it as every site frozen at
+    σ̂ = sqrt(eps), and it is folded;
+  * a run folder of `lnfree remove` — its `final/` model, else its latest checkpoint (σ̂ buffers included);
+  * any other folder or hub id `load_model` reads; a model whose sites are all frozen without specials is
+    folded, one with a live LayerNorm (or a live special σ̂) is refused with a one-line error.
+
+Every export is written into a hidden folder beside DIR, reloaded with the library it targets and with our
+loader, compared with the norm-free source (max-abs logits ≤ `PARITY_TOL`, evaluated in float64 from the
+stored fp32 weights; the float32 figure is reported beside it), given its model card, and only then renamed
+to DIR. Any failure removes the hidden folder and leaves a pre-existing DIR untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..models.base import LNModel
+from ..models.gpt2 import GPT2
+from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, resolve_model_dir, save_model
+
+FORMATS = ("hf", "hf-compat")
+PARITY_TOL = 1e-4  # max-abs logits, evaluated in float64 from the stored fp32 weights (see reload_parity)
+
+
+class ParityError(ValueError):
+    """A written export does not reproduce the source's logits."""
+
+
+@dataclass
+class Source:
+    """A norm-free model and where it came from (for tokenizer files and the model card)."""
+
+    model: GPT2
+    name: str  # as given by the user
+    model_dir: Path | None  # folder holding config.json and tokenizer files (None for a run checkpoint)
+    run_dir: Path | None  # `lnfree remove` run folder (run.json, metrics.jsonl, eval*.json), if any
+    folded_here: bool  # True when the source still had (frozen) norm sites and we folded it
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    parity: dict[str, float] = field(default_factory=dict)  # reload route → max-abs logit error (float64: the gate)
+    parity_fp32: dict[str, float] = field(default_factory=dict)  # the same in float32 (information)
+
+    @property
+    def max_abs(self) -> float:
+        return max(self.parity.values())
+
+
+# ---- sources ------------------------------------------------------------------------------------------------
+def as_norm_free(model: LNModel, what: str = "model") -> tuple[GPT2, bool]:
+    """The norm-free twin of `model` (folded if all its sites are frozen without specials), and whether it folded.
+
+    Raises a one-line ValueError when normalization is still live.
+    """
+    if model.family != "gpt2":
+        raise ValueError(f"{what}: exports support the GPT-2 family only, got {model.family!r}")
+    if not model.has_normalization:
+        return model.eval(), False
+    sites = model.norm_sites()
+    live = [name for name, site in sites.items() if not site.is_frozen]
+    if live:
+        raise ValueError(f"{what} still has live LayerNorm at {len(live)} of {len(sites)} norm sites "
+                         f"({', '.join(live[:3])}{', …' if len(live) > 3 else ''}); only LN-free models export — "
+                         "finish the removal run, or pass a folded or eps=1e12 model")
+    try:
+        model.check_foldable()
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return model.fold().eval(), True
+
+
+def _run_dir_of(folder: Path) -> Path | None:
+    for cand in (folder, folder.parent):
+        if any((cand / n).is_file() for n in ("run.json", "metrics.jsonl")) or any(cand.glob("eval*.json")):
+            return cand
+    return None
+
+
+def load_any(source: str | os.PathLike) -> tuple[LNModel, Path | None, Path | None]:
+    """(model as stored — live, frozen or folded —, its model folder, its run folder) for any source."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        if not (path / "final" / "config.json").is_file():
+            return _from_run_checkpoint(path), None, path
+        path = path / "final"
+    model_dir = resolve_model_dir(path if path.exists() else str(source))  # a hub id lands in the hub cache
+    return load_model(model_dir), model_dir, _run_dir_of(model_dir)
+
+
+def load_norm_free(source: str | os.PathLike) -> Source:
+    """Resolve `source` (see module docstring) to a norm-free GPT-2, or raise a one-line error."""
+    model, model_dir, run_dir = load_any(source)
+    folded, did_fold = as_norm_free(model, str(source))
+    return Source(folded, str(source), model_dir, run_dir, did_fold)
+
+
+def _from_run_checkpoint(run_dir: Path) -> LNModel:
+    try:
+        from ..checkpoint import latest_checkpoint, load_checkpoint
+    except ImportError:  # pragma: no cover - run checkpoints arrive with the training loop
+        latest_checkpoint = load_checkpoint = None
+    ckpt = latest_checkpoint(run_dir) if latest_checkpoint else None
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} has no config.json, no final/ model and no run checkpoint; "
+                                "point at a model folder or an `lnfree remove` run folder")
+    with torch.random.fork_rng(devices=[]):  # loading a run checkpoint restores RNG state; keep ours
+        model, _ = load_checkpoint(ckpt)
+    return model
+
+
+def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -> tuple[GPT2, Any]:
+    """(norm-free GPT-2, tokenizer) from a model object (folded here if needed) or anything `load_norm_free` reads.
+
+    The tokenizer is `tokenizer` itself, or loaded from `tokenizer` when it is a folder or hub id, or from the
+    model's own folder; the interop libraries need one to build their wrappers.
+    """
+    if isinstance(model_or_path, LNModel):
+        model, _ = as_norm_free(model_or_path)
+        origin = getattr(model_or_path, "source", None)
+        model_dir = Path(origin) if origin and Path(origin).is_dir() else None
+    else:
+        src = load_norm_free(model_or_path)
+        model, model_dir = src.model, src.model_dir
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        where = tokenizer if tokenizer is not None else model_dir
+        if where is None or (Path(where).is_dir() and not any((Path(where) / n).is_file() for n in TOKENIZER_FILES)):
+            raise ValueError(f"no tokenizer: {where or 'the model object'} has no tokenizer files; pass "
+                             "tokenizer= (a tokenizer, or the folder or hub id of one)")
+        from ..tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(where)
+    return model, tokenizer
+
+
+# ---- parity -------------------------------------------------------------------------------------------------
+def sample_batches(model: GPT2, seed: int = 0) -> list[Tensor]:
+    """Token batches for parity checks: short random ones with EOT sprinkled in, and one full-context row."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    eot = cfg.eos_token_id if cfg.eos_token_id is not None and cfg.eos_token_id < cfg.vocab_size else None
+    batches = []
+    for batch, seq in ((4, min(32, cfg.n_positions)), (1, min(cfg.n_positions, 256))):
+        idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        if eot is not None:
+            idx[:, 5::9] = eot
+        batches.append(idx)
+    return batches
+
+
+@torch.no_grad()
+def max_abs_diff(reference: torch.nn.Module, other: torch.nn.Module, batches: list[Tensor]) -> float:
+    """Max-abs logit difference between our model and another (ours, or a transformers model)."""
+    worst = 0.0
+    for idx in batches:
+        ref, out = reference(idx), other(idx)
+        out = out.logits if hasattr(out, "logits") else out
+        worst = max(worst, (ref.double() - out.double()).abs().max().item())
+    return worst
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No loading/writing progress bars or warnings from transformers inside the block; restored after."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def reload_parity(folder: Path, fmt: str, reference: GPT2) -> tuple[dict[str, float], dict[str, float]]:
+    """Reload a written export the way users will (transformers Auto classes, and lnfree's loader) and compare.
+
+    Returns (float64 errors — the gate —, float32 errors — for information). Both sides are evaluated from
+    the same stored fp32 weights; in float64 the difference is the export's function difference alone, while
+    in float32 it also contains rounding noise that grows with the logit scale (measured: 5e-4 on a
+    GPT-2-small-shaped model whose logits reach 260, where fp32 itself is 8e-4 off fp64), which would make a
+    fp32 gate reject correct exports of real-size models.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import hf  # noqa: F401  (registers lnfree_gpt2 with the Auto classes)
+
+    batches = sample_batches(reference)
+    with quiet_transformers():
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    expected = "LNFreeGPT2LMHeadModel" if fmt == "hf" else "GPT2LMHeadModel"
+    if type(loaded).__name__ != expected:
+        raise ParityError(f"{fmt} export reloads as {type(loaded).__name__}, expected {expected}")
+    ours = as_norm_free(load_model(folder, dtype=torch.float64), f"reloaded {fmt} export")[0]
+    ref = copy.deepcopy(reference).double().eval()
+    routes = {"transformers": loaded, "lnfree": ours}
+    errors = {dtype: {} for dtype in (torch.float64, torch.float32)}
+    for dtype, table in errors.items():
+        ref.to(dtype)
+        for name, model in routes.items():
+            table[name] = max_abs_diff(ref, model.to(dtype), batches)
+    return errors[torch.float64], errors[torch.float32]
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+def write_format(model: GPT2, folder: Path, fmt: str) -> None:
+    """Write `model` into the (existing, empty) folder in one export format."""
+    if fmt == "hf":
+        save_model(model, folder)  # config + safetensors in the LNFreeGPT2LMHeadModel layout
+    elif fmt == "hf-compat":
+        from .compat import to_compat_hf
+
+        with quiet_transformers():
+            to_compat_hf(model).save_pretrained(folder)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} exists and does not look like a model export; choose an empty --out")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an existing export at `out` is replaced only now."""
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+    os.replace(tmp, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt: str = "hf", *,
+                 card: bool = True, push_to_hub: str | None = None) -> ExportResult:
+    """Export `source` to `out` in format `fmt`, parity-checked; returns the measured reload errors."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    src = source if isinstance(source, Source) else load_norm_free(source)
+    out = Path(out).expanduser()
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_format(src.model, tmp, fmt)
+        if src.model_dir is not None and any((src.model_dir / n).is_file() for n in TOKENIZER_FILES):
+            copy_tokenizer_files(src.model_dir, tmp)
+        parity, parity_fp32 = reload_parity(tmp, fmt, src.model)
+        worst = max(parity.values())
+        if not worst <= PARITY_TOL:
+            routes = ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
+            hint = "; the eps=1e12 convention is exact only up to var/2e12 per LN: use --format hf" \
+                if fmt == "hf-compat" else ""
+            raise ParityError(f"{fmt} export failed its parity check: max-abs logit error {worst:.2e} > "
+                              f"{PARITY_TOL:.0e} ({routes}); nothing written{hint}")
+        result = ExportResult(out, fmt, parity, parity_fp32)
+        if card:
+            from .card import write_card
+
+            write_card(tmp, src, result)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if push_to_hub:
+        push(out, push_to_hub)
+    return result
+
+
+def push(folder: Path, repo_id: str) -> str:
+    """Upload an export folder to the Hugging Face hub (creates the repo if needed); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="lnfree export")
+    return f"https://huggingface.co/{repo_id}"
