@@ -45,7 +45,7 @@ class DemoConfig:
     n_head: int = 4
     ctx: int = 256
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=700, batch_tokens=8192, micro_batch=16, ctx=256, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+        steps=500, batch_tokens=8192, micro_batch=16, ctx=256, lr=3e-3, min_lr=3e-4, warmup_steps=40,
         weight_decay=0.1, ema_momentum=1.0, checkpoint_every=100))
     ft_fraction: float = 0.05
     """Fine-tuning tokens as a fraction of pretraining tokens (the issue's target: ≤ 5%)."""
