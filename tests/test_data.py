@@ -185,7 +185,7 @@ def test_cache_is_reused_and_other_tokenizer_is_refused(tok, other_tok, mixed, t
     def no_rebuild(*args, **kwargs):
         raise AssertionError("a valid cache must be reused, not rebuilt")
 
-    monkeypatch.setattr(data, "_build", no_rebuild)
+    monkeypatch.setattr(data.cache, "_build", no_rebuild)
     again = build_token_cache(str(root), tok, "all", cache_root=tmp_path, num_proc=1, progress=False)
     assert again.path == first.path
     np.testing.assert_array_equal(np.asarray(again.tokens), saved)
@@ -210,7 +210,7 @@ def test_interrupted_build_never_looks_complete(tok, mixed, tmp_path, monkeypatc
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # dies after tokens.bin is in place, before the manifest
 
-    monkeypatch.setattr(data, "_atomic_write", killed)
+    monkeypatch.setattr(data.cache, "_atomic_write", killed)
     with pytest.raises(KeyboardInterrupt):
         build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
     (folder,) = list((tmp_path / "c").iterdir())
@@ -223,7 +223,7 @@ def test_interrupted_build_never_looks_complete(tok, mixed, tmp_path, monkeypatc
     def crash_midway(self, paths):
         raise RuntimeError("tokenizer died")
 
-    monkeypatch.setattr(data._DocumentTokenizer, "files_task", crash_midway)
+    monkeypatch.setattr(data.cache._DocumentTokenizer, "files_task", crash_midway)
     with pytest.raises(RuntimeError):
         build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["tokens.bin"]  # no temp files left behind
@@ -328,7 +328,7 @@ def fake_hub(monkeypatch):
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(data, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(data.sources, "_hub_reachable", lambda: True)
     repos: dict[str, dict[str, dict]] = {}
     calls: list[tuple[str, str, bool]] = []
 

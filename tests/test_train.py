@@ -72,7 +72,9 @@ def test_lnfree_and_control_share_the_data_order(tiny_setup, tmp_path):
     # outputs: a folded, norm-free transformers checkpoint; the control keeps its LNs; a loss plot
     assert json.loads((lnfree / "final" / "config.json").read_text())["architectures"] == ["LNFreeGPT2LMHeadModel"]
     assert json.loads((control / "final" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
-    assert (lnfree / "loss.png").stat().st_size > 0 and (lnfree / "final" / "tokenizer.json").exists()
+    # the LN-free plot is redrawn when its control finishes, so it shows both curves
+    assert (lnfree / "loss.png").stat().st_mtime >= (control / "metrics.jsonl").stat().st_mtime
+    assert (lnfree / "final" / "tokenizer.json").exists()
 
 
 def test_sigkill_then_resume_repeats_the_losses_exactly(tiny_setup, tmp_path):

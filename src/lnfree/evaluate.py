@@ -223,9 +223,8 @@ def resolve_model_source(source: str | os.PathLike) -> Path:
     from .models.io import resolve_model_dir
 
     path = Path(source).expanduser()
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    unfinished = (path / "checkpoints").is_dir() and not (path / "final" / "config.json").is_file()
+    if unfinished and not (path / "config.json").is_file():
         raise ValueError(f"{path} is a run folder without final/ (unfinished run); evaluate a finished run")
     return resolve_model_dir(source)
 

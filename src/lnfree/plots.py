@@ -70,3 +70,13 @@ def plot_loss(run_dir: Path, out: Path | None = None) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_with_siblings(run_dir: Path) -> None:
+    """Redraw this run's plot and its siblings', so whichever of an LN-free run and its control finishes last,
+    both plots show both curves."""
+    run_dir = Path(run_dir)
+    plot_loss(run_dir)
+    for sibling in run_dir.parent.iterdir():
+        if sibling != run_dir and (sibling / "metrics.jsonl").exists() and (sibling / "run.json").exists():
+            plot_loss(sibling)

@@ -20,14 +20,15 @@ def heimersheim2024(n_layer: int) -> Recipe:
     # ln2 from step 200, 20 steps per layer; ln1 Q/K every 20; ln1 V every 30; ln_f; EOT special +20;
     # BOS special +100; ~1200 steps of 2^19 tokens on GPT-2 small. σ̂ measured once, never re-estimated.
     spec = RemovalSpec(start=200, gaps={"ln2": 20, "ln1qk": 20, "ln1v": 30, "ln_final": 30},
-                       eot_after=20, bos_after=100, tail=30)
+                       eot_after=20, bos_after=100, tail=40)
     train = TrainConfig(steps=1200, lr=6e-4, min_lr=6e-5, warmup_steps=100, weight_decay=0.1, aux_weight=0.0,
                         ema_momentum=1.0)
     return Recipe("heimersheim2024", spec, train, source=_HEIMERSHEIM)
 
 
 def _baroni(name: str, n_layer: int, steps: int, gaps: tuple[int, int, int], lr: float, aux: float) -> Recipe:
-    # ln2 from step 20, then ln1 Q/K, ln1 V, ln_f at the given gaps; EOT special +2; BOS special +10.
+    # ln2 from step 20, then ln1 Q/K, ln1 V, ln_f at the given gaps; EOT special +2; BOS special +10
+    # (the layout of the paper's code, github.com/submarat/removing-layer-norm config.py).
     g2, gqk, gv = gaps
     spec = RemovalSpec(start=20, gaps={"ln2": g2, "ln1qk": gqk, "ln1v": gv, "ln_final": gv},
                        eot_after=2, bos_after=10, tail=0)

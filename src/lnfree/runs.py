@@ -16,7 +16,7 @@ from .method.schedule import Schedule, control_schedule
 from .models import load_model, save_model
 from .models.base import LNModel
 from .models.io import resolve_model_dir
-from .plots import plot_loss
+from .plots import plot_with_siblings
 from .recipes import get_recipe, recipe_schedule
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 from .train import RunResult, train
@@ -77,7 +77,7 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
                    mode="control" if control else "lnfree", extra=extra, progress=progress)
     final = result.model.fold() if not control else result.model
     save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
-    plot_loss(out_dir)
+    plot_with_siblings(out_dir)
     return result
 
 
@@ -93,5 +93,5 @@ def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, 
     result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),
                    out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress)
     save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
-    plot_loss(out_dir)
+    plot_with_siblings(out_dir)
     return result

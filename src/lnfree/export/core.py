@@ -97,10 +97,8 @@ def _run_dir_of(folder: Path) -> Path | None:
 def load_any(source: str | os.PathLike) -> tuple[LNModel, Path | None, Path | None]:
     """(model as stored — live, frozen or folded —, its model folder, its run folder) for any source."""
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        if not (path / "final" / "config.json").is_file():
-            return _from_run_checkpoint(path), None, path
-        path = path / "final"
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "final" / "config.json").is_file():
+        return _from_run_checkpoint(path), None, path
     model_dir = resolve_model_dir(path if path.exists() else str(source))  # a hub id lands in the hub cache
     return load_model(model_dir), model_dir, _run_dir_of(model_dir)
 

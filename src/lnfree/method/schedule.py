@@ -38,10 +38,11 @@ class SiteState:
 class RemovalSpec:
     """The shape of a gradual removal, independent of model depth (Heimersheim 2024 / Baroni et al. 2025).
 
-    Sites freeze in `order`, one layer at a time: the first at `start`, each next one `gap` steps (of the
-    group it belongs to) after the previous one. The EOT special σ̂ goes `eot_after` steps after the last
-    freeze, the BOS special `bos_after` steps after that, each eased out linearly over the `*_ramp` steps
-    before it goes (0: dropped in one step). Gaps of 0 everywhere and start 0 is "all at once".
+    Sites freeze in `order`, one layer at a time: the first at `start`, each next one the gap of the previous
+    site's kind after it (the papers' code: phase k starts n_layer · gap_(k−1) after phase k−1 started). The
+    EOT special σ̂ goes `eot_after` steps after the last freeze, the BOS special `bos_after` steps after that,
+    each eased out linearly over the `*_ramp` steps before it goes (0: dropped in one step). Gaps of 0
+    everywhere and start 0 is "all at once".
     """
 
     start: int
@@ -132,12 +133,15 @@ def build_schedule(spec: RemovalSpec, n_layer: int, total_steps: int | None = No
     if unknown:
         raise ValueError(f"unknown site kind(s) {sorted(unknown)}; known: {', '.join(SITE_KINDS)}")
     freeze_at: dict[str, int] = {}
-    step = spec.start
+    step, previous_kind = spec.start, None
     for kind in spec.order:
         for layer in [None] if kind == "ln_final" else range(n_layer):
-            if freeze_at:
-                step += spec.gaps.get(kind, 0)
+            if previous_kind is not None:
+                # As in the papers' code: each freeze follows the previous one by the previous site kind's gap,
+                # so a phase starts n_layer × gap after the previous phase started.
+                step += spec.gaps.get(previous_kind, 0)
             freeze_at[site_name(kind, layer)] = step
+            previous_kind = kind
     eot_off = step + spec.eot_after
     bos_off = eot_off + spec.bos_after
     total = total_steps if total_steps is not None else bos_off + spec.tail

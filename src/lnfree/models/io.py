@@ -37,8 +37,11 @@ def family_of(hf_config: dict) -> Family:
 
 
 def resolve_model_dir(source: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a hub id fetched into the local hub cache."""
+    """A local checkpoint folder, a finished `lnfree remove`/`pretrain` run folder (its `final/`), or a hub id
+    fetched into the local hub cache."""
     path = Path(source).expanduser()
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; point at a transformers checkpoint folder")

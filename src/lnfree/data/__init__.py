@@ -1,0 +1,72 @@
+"""Token caches and sequence sampling for LayerNorm-removal fine-tuning and evaluation.
+
+Protocol (Heimersheim 2024; Baroni et al. 2025): every document is tokenized with the model's own tokenizer,
+followed by one EOT token (``tok.eos_token_id``); documents are concatenated into one flat stream, which is
+cut into non-overlapping ``ctx``-token sequences with no BOS prepended (the last incomplete one is dropped).
+The loss is computed within each sequence (ctx - 1 predictions); EOT is an ordinary token and target, so
+nothing here masks it.
+
+The stream is stored once per (source, split, tokenizer, limits) as ``tokens.bin`` (flat little-endian
+uint16, or uint32 for vocabularies over 65536 ids) plus ``manifest.json``. The manifest is written last and
+both files are moved into place with ``os.replace``, so a killed build never looks complete. Building is
+deterministic: the same inputs give a byte-identical ``tokens.bin`` whatever ``num_proc`` is.
+
+Sources (one string):
+  * ``stdlib``: the ``.py`` files of the running interpreter's standard library (works offline);
+  * a local file or folder of ``.txt``/``.py``/``.md`` (one document per file), ``.jsonl`` (field ``text``)
+    or ``.parquet`` (column ``text``);
+  * a hub dataset: ``openwebtext``, ``pile``, ``pile-filtered``, the pre-tokenized
+    ``apollo-research/monology-pile-uncopyrighted-tokenizer-gpt2``, or any ``owner/name``;
+  * an existing token-cache folder (reused as is after checking its tokenizer fingerprint).
+Local sources and ``stdlib`` are split into train/val by file (a hash of the path picks ~3% for val), so
+the split never depends on which other files exist.
+"""
+
+from __future__ import annotations
+
+# Public names of the former single module; ``X as X`` marks re-exports that are not in ``__all__``.
+from .cache import CACHE_FORMAT as CACHE_FORMAT
+from .cache import CACHE_FORMAT_VERSION as CACHE_FORMAT_VERSION
+from .cache import TokenCache, TokenCacheMismatchError, build_token_cache, default_cache_root
+from .sampler import SequenceSampler
+from .sources import FOLDER_EXCLUDED_DIRS as FOLDER_EXCLUDED_DIRS
+from .sources import HUB_ALIASES as HUB_ALIASES
+from .sources import MANIFEST_FILE as MANIFEST_FILE
+from .sources import OPENWEBTEXT_SPLIT_SEED as OPENWEBTEXT_SPLIT_SEED
+from .sources import OPENWEBTEXT_VAL_FRACTION as OPENWEBTEXT_VAL_FRACTION
+from .sources import ROW_SUFFIXES as ROW_SUFFIXES
+from .sources import SPLITS as SPLITS
+from .sources import STDLIB_EXCLUDED_DIRS as STDLIB_EXCLUDED_DIRS
+from .sources import TEXT_SUFFIXES as TEXT_SUFFIXES
+from .sources import TOKENS_FILE as TOKENS_FILE
+from .sources import VAL_FRACTION as VAL_FRACTION
+from .sources import (
+    DataSourceError,
+    FileDocuments,
+    HubSpec,
+    hub_aliases,
+    hub_spec,
+    iter_documents,
+    list_source_files,
+    read_file_documents,
+    split_of,
+    stdlib_root,
+)
+
+__all__: list[str] = [
+    "DataSourceError",
+    "FileDocuments",
+    "HubSpec",
+    "SequenceSampler",
+    "TokenCache",
+    "TokenCacheMismatchError",
+    "build_token_cache",
+    "default_cache_root",
+    "hub_spec",
+    "iter_documents",
+    "hub_aliases",
+    "list_source_files",
+    "read_file_documents",
+    "split_of",
+    "stdlib_root",
+]

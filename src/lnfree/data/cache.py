@@ -1,0 +1,528 @@
+"""Tokenization (in-process or in worker processes) and the memmap token cache: ``build_token_cache``,
+``TokenCache`` and the cache's ``manifest.json``. See ``lnfree.data`` for the protocol and file format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import secrets
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lnfree.tokenizer import tokenizer_fingerprint
+
+from .sources import (
+    _HUB_BATCH_ROWS,
+    MANIFEST_FILE,
+    TOKENS_FILE,
+    DataSourceError,
+    _hub_column,
+    _load_hub_dataset,
+    _resolve_source,
+    _slug,
+    _Source,
+    read_file_documents,
+)
+
+CACHE_FORMAT = "lnfree-token-cache"
+CACHE_FORMAT_VERSION = 1
+
+_FILE_TASK_BYTES = 8 << 20  # group small files into ~8 MB tasks so worker round-trips stay cheap
+_FILE_TASK_MAX_FILES = 64
+_SKIP_EXAMPLES_KEPT = 20
+
+
+class TokenCacheMismatchError(ValueError):
+    """An existing token cache was made with a different tokenizer (or split) than the one requested."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenization (in-process or in a multiprocessing Pool)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    """One unit of tokenizer output, in source order: a document, a skipped file, or an empty row."""
+
+    tokens: np.ndarray | None = None  # a document's ids, EOT appended
+    skipped: tuple[str, str] | None = None  # (file, reason)
+
+
+class _DocumentTokenizer:
+    """Tokenizes documents into arrays of the cache dtype with EOT appended.
+
+    Picklable (it holds the HF tokenizer), so each Pool worker gets its own copy once, at start-up.
+    """
+
+    def __init__(self, tokenizer: Any, eot_id: int, dtype: np.dtype, root: Path | None):
+        self.tokenizer = tokenizer
+        self.eot_id = eot_id
+        self.dtype = dtype
+        self.root = root
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids of each text plus EOT. Literal "<|endoftext|>" inside a text stays text, like GPT-2's
+        ``encode_ordinary`` used to prepare openwebtext, so EOT ids mark document boundaries only."""
+        if not texts:
+            return []
+        ids = self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,
+            verbose=False,
+        )["input_ids"]
+        arrays = []
+        for row in ids:
+            array = np.empty(len(row) + 1, dtype=self.dtype)
+            array[:-1] = row  # numpy raises OverflowError if an id does not fit the dtype
+            array[-1] = self.eot_id
+            arrays.append(array)
+        return arrays
+
+    def texts_task(self, texts: list[str | None]) -> list[_Piece]:
+        arrays = iter(self.encode([t for t in texts if t]))
+        return [_Piece(tokens=next(arrays)) if t else _Piece() for t in texts]
+
+    def files_task(self, paths: list[Path]) -> list[_Piece]:
+        pieces = []
+        for path in paths:
+            docs = read_file_documents(path)
+            if docs.skip_reason is not None:
+                shown = path.relative_to(self.root).as_posix() if self.root else str(path)
+                pieces.append(_Piece(skipped=(shown, docs.skip_reason)))
+                continue
+            pieces.extend(_Piece(tokens=array) for array in self.encode(docs.documents))
+            pieces.extend(_Piece() for _ in range(docs.empty_documents))
+        return pieces
+
+
+_WORKER: _DocumentTokenizer | None = None
+
+
+def _init_worker(doc_tokenizer: _DocumentTokenizer) -> None:
+    global _WORKER
+    _WORKER = doc_tokenizer
+
+
+def _run_worker_task(method: str, task: list[Any]) -> list[_Piece]:
+    assert _WORKER is not None, "worker used before _init_worker"
+    return getattr(_WORKER, method)(task)
+
+
+@contextlib.contextmanager
+def _env_override(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def _run_tasks(
+    doc_tokenizer: _DocumentTokenizer, method: str, tasks: Iterable[list[Any]], num_proc: int
+) -> Iterator[tuple[int, list[_Piece]]]:
+    """(task size, pieces) per task, in task order, so the output never depends on ``num_proc``.
+
+    At most ``2 * num_proc`` tasks are in flight: a streaming source is never read far ahead of the
+    tokenizer (``Pool.imap`` would drain it into memory), and stopping early at a limit wastes little work.
+    """
+    if num_proc <= 1:
+        for task in tasks:
+            yield len(task), getattr(doc_tokenizer, method)(task)
+        return
+    # Workers tokenize one batch each, single-threaded; setting this before they start also silences the
+    # tokenizers fork warning when the parent has already used its thread pool.
+    with _env_override("TOKENIZERS_PARALLELISM", "false"):
+        pool = multiprocessing.get_context().Pool(num_proc, _init_worker, (doc_tokenizer,))
+    with pool:  # leaving the block (also on early stop or error) terminates the workers
+        pending: deque[tuple[int, Any]] = deque()
+        for task in tasks:
+            pending.append((len(task), pool.apply_async(_run_worker_task, (method, task))))
+            if len(pending) >= 2 * num_proc:
+                size, result = pending.popleft()
+                yield size, result.get()
+        while pending:
+            size, result = pending.popleft()
+            yield size, result.get()
+
+
+def _file_tasks(files: Iterable[Path]) -> Iterator[list[Path]]:
+    """Group files into tasks of about ``_FILE_TASK_BYTES`` (a single large file is its own task)."""
+    task: list[Path] = []
+    size = 0
+    for path in files:
+        task.append(path)
+        size += path.stat().st_size
+        if size >= _FILE_TASK_BYTES or len(task) >= _FILE_TASK_MAX_FILES:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+def _pretokenized_pieces(rows: list[Any], dtype: np.dtype, vocab_size: int, repo: str) -> list[_Piece]:
+    """Rows of an already tokenized dataset, concatenated as they are (they already contain EOTs)."""
+    pieces = []
+    for row in rows:
+        ids = np.asarray(row, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise DataSourceError(
+                f"{repo!r} has token id {int(ids.max())} outside the tokenizer's {vocab_size} ids; "
+                "pass the tokenizer the dataset was made with"
+            )
+        pieces.append(_Piece(tokens=ids.astype(dtype)) if ids.size else _Piece())
+    return pieces
+
+
+def _source_pieces(
+    resolved: _Source, split: str, doc_tokenizer: _DocumentTokenizer, vocab_size: int, num_proc: int
+) -> tuple[Iterator[tuple[int, list[_Piece]]], int | None, bool]:
+    """(chunks of pieces, expected total for the progress bar, whether the data was pre-tokenized)."""
+    if resolved.kind == "files":
+        tasks = list(_file_tasks(resolved.files))
+        chunks = _run_tasks(doc_tokenizer, "files_task", tasks, min(num_proc, len(tasks)))
+        return chunks, len(resolved.files), False
+    spec = resolved.hub
+    dataset = _load_hub_dataset(spec, split, num_proc)
+    column = _hub_column(dataset, spec)
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    batches = (b[column] for b in dataset.select_columns([column]).iter(batch_size=_HUB_BATCH_ROWS))
+    if column == "text":
+        return _run_tasks(doc_tokenizer, "texts_task", batches, num_proc), total, False
+    if spec.expected_vocab is not None and vocab_size != spec.expected_vocab:
+        raise DataSourceError(
+            f"{spec.repo!r} holds ids from a {spec.expected_vocab}-token vocabulary (GPT-2) but the "
+            f"tokenizer has {vocab_size}; pass the gpt2 tokenizer"
+        )
+    chunks = ((len(rows), _pretokenized_pieces(rows, doc_tokenizer.dtype, vocab_size, spec.repo)) for rows in batches)
+    return chunks, total, True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token cache
+# --------------------------------------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    """``$LNFREE_CACHE`` if set, else ``~/.cache/lnfree/tokens``."""
+    env = os.environ.get("LNFREE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lnfree" / "tokens"
+
+
+class TokenCache:
+    """A built token stream: ``tokens`` (read-only memmap) and ``manifest`` (dict), cut into sequences."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], tokens: np.memmap):
+        self.path = path
+        self.manifest = manifest
+        self.tokens = tokens
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], tokenizer: Any = None) -> TokenCache:
+        """Open a complete cache folder; with ``tokenizer``, refuse one built with a different tokenizer."""
+        folder = Path(path)
+        manifest = _read_valid_manifest(folder)
+        if manifest is None:
+            raise DataSourceError(f"{folder} is not a complete lnfree token cache (no valid {MANIFEST_FILE})")
+        cache = cls(folder, manifest, _open_tokens(folder, manifest))
+        if tokenizer is not None:
+            cache.check_tokenizer(tokenizer)
+        return cache
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ``TokenCacheMismatchError`` unless ``tokenizer`` is the one the cache was built with."""
+        requested = tokenizer_fingerprint(tokenizer)
+        if requested != self.fingerprint:
+            raise TokenCacheMismatchError(
+                f"token cache {self.path} was built with tokenizer {self.fingerprint}, but the requested "
+                f"tokenizer is {requested}; use the model's matching tokenizer or build a new cache for it"
+            )
+        if tokenizer.eos_token_id != self.eot_id:
+            raise TokenCacheMismatchError(
+                f"token cache {self.path} uses EOT id {self.eot_id}, but the requested tokenizer's "
+                f"eos_token_id is {tokenizer.eos_token_id}; build a new cache for this tokenizer"
+            )
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer_fingerprint"]
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.manifest["eot_id"])
+
+    @property
+    def token_count(self) -> int:
+        return int(self.manifest["token_count"])
+
+    @property
+    def data_id(self) -> int:
+        """48-bit int from the tokens' sha256: identifies the exact stream in JSON-friendly form."""
+        return int(self.manifest["tokens_sha256"][:12], 16)
+
+    def n_sequences(self, ctx: int) -> int:
+        """Number of complete, non-overlapping ``ctx``-token sequences (the incomplete tail is dropped)."""
+        if ctx < 1:
+            raise ValueError(f"ctx must be positive, got {ctx}")
+        return self.token_count // ctx
+
+    def sequence(self, i: int, ctx: int) -> np.ndarray:
+        """Sequence ``i`` as int64 ids: tokens ``[i*ctx, (i+1)*ctx)`` of the stream, no BOS added."""
+        n = self.n_sequences(ctx)
+        if not 0 <= i < n:
+            raise IndexError(f"sequence {i} out of range: the cache has {n} sequences of ctx={ctx}")
+        return np.asarray(self.tokens[i * ctx : (i + 1) * ctx], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"TokenCache({str(self.path)!r}, source={m['source']!r}, split={m['split']!r}, tokens={m['token_count']})"
+        )
+
+
+def build_token_cache(
+    source: str,
+    tokenizer: Any,
+    split: str = "train",
+    cache_root: str | os.PathLike[str] | None = None,
+    max_documents: int | None = None,
+    max_tokens: int | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+) -> TokenCache:
+    """Tokenize ``source``/``split`` with ``tokenizer`` into a token cache, or return the existing one.
+
+    ``max_documents`` keeps the first N non-empty documents (rows for hub and pre-tokenized data);
+    ``max_tokens`` cuts the stream to exactly N tokens. ``num_proc`` (default: CPU count, at most 8) only
+    changes speed, never the bytes written. ``source`` may also be an existing cache folder, which is
+    reused after checking that it was made with ``tokenizer`` and holds ``split``.
+    """
+    _check_limit("max_documents", max_documents)
+    _check_limit("max_tokens", max_tokens)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    resolved = _resolve_source(source, split)
+    if resolved.kind == "cache":
+        return _reuse_cache_folder(resolved.root, tokenizer, split, max_documents, max_tokens)
+
+    key = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "source": resolved.ident,
+        "split": split,
+        "tokenizer_fingerprint": fingerprint,
+        # eos_token lives in tokenizer_config.json, outside the backend JSON the fingerprint hashes.
+        "eot_id": tokenizer.eos_token_id,
+        "max_documents": max_documents,
+        "max_tokens": max_tokens,
+        "content_signature": resolved.signature,
+    }
+    key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    folder = root / f"{resolved.slug}-{_slug(split)}-{key_digest}"
+    if _read_valid_manifest(folder) is None:
+        manifest = _build(resolved, tokenizer, source, split, folder, max_documents, max_tokens, num_proc, progress)
+        manifest.update(tokenizer_fingerprint=fingerprint, cache_key=key, cache_key_digest=key_digest)
+        _atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return TokenCache.open(folder, tokenizer)
+
+
+def _check_limit(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def _reuse_cache_folder(
+    folder: Path, tokenizer: Any, split: str, max_documents: int | None, max_tokens: int | None
+) -> TokenCache:
+    if max_documents is not None or max_tokens is not None:
+        raise ValueError(f"{folder} is an existing token cache; max_documents/max_tokens cannot be applied to it")
+    cache = TokenCache.open(folder, tokenizer)
+    if cache.manifest["split"] != split:
+        raise TokenCacheMismatchError(
+            f"token cache {folder} holds split {cache.manifest['split']!r}, not the requested {split!r}; "
+            f"pass split={cache.manifest['split']!r} or the matching cache"
+        )
+    return cache
+
+
+@dataclass
+class _BuildStats:
+    token_count: int = 0
+    n_documents: int = 0
+    empty_documents: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _build(
+    resolved: _Source,
+    tokenizer: Any,
+    source: str,
+    split: str,
+    folder: Path,
+    max_documents: int | None,
+    max_tokens: int | None,
+    num_proc: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write ``tokens.bin`` atomically and return the manifest without its key fields (the caller adds them
+    and writes it last, which is what marks the cache complete)."""
+    vocab_size = len(tokenizer)
+    dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+    eot_id = tokenizer.eos_token_id
+    if eot_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token to use as EOT")
+    doc_tokenizer = _DocumentTokenizer(tokenizer, int(eot_id), dtype, resolved.root)
+    workers = num_proc if num_proc is not None else _default_num_proc()
+
+    # Open the source before touching the cache folder: an unreadable source (hub offline) leaves nothing.
+    chunks, total, pretokenized = _source_pieces(resolved, split, doc_tokenizer, vocab_size, workers)
+    bar = tqdm(
+        total=total,
+        unit="doc" if resolved.kind == "hub" else "file",
+        desc=f"tokenizing {source}:{split}",
+        disable=not progress,
+    )
+    with contextlib.closing(chunks), bar:
+        stats, sha256 = _write_tokens_file(folder, chunks, max_documents, max_tokens, bar)
+    if stats.token_count == 0:
+        raise DataSourceError(_nothing_usable_message(source, split, stats))
+    return {
+        "format": CACHE_FORMAT,
+        "format_version": CACHE_FORMAT_VERSION,
+        "source": source,
+        "source_resolved": resolved.ident,
+        "split": split,
+        "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": vocab_size,
+        "eot_id": int(eot_id),
+        "token_count": stats.token_count,
+        "dtype": dtype.name,
+        "byteorder": "little",
+        "n_documents": stats.n_documents,
+        "empty_documents": stats.empty_documents,
+        "skipped_files": len(stats.skipped),
+        "skipped_examples": [f"{name} ({why})" for name, why in stats.skipped[:_SKIP_EXAMPLES_KEPT]],
+        "pretokenized": pretokenized,
+        "max_documents": max_documents,
+        "max_tokens": max_tokens,
+        "tokens_sha256": sha256,
+    }
+
+
+def _write_tokens_file(
+    folder: Path,
+    chunks: Iterator[tuple[int, list[_Piece]]],
+    max_documents: int | None,
+    max_tokens: int | None,
+    bar: Any,
+) -> tuple[_BuildStats, str]:
+    """Stream the documents into a temp file and move it to ``tokens.bin`` only once it is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST_FILE).unlink(missing_ok=True)  # an invalid old manifest must not outlive new tokens
+    tmp = folder / f"{TOKENS_FILE}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as out:
+            stats, sha256 = _write_stream(chunks, out, max_documents, max_tokens, bar)
+            out.flush()
+            os.fsync(out.fileno())
+        if stats.token_count:
+            os.replace(tmp, folder / TOKENS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only succeeds when the build failed before anything was kept
+    return stats, sha256
+
+
+def _write_stream(
+    chunks: Iterator[tuple[int, list[_Piece]]],
+    out: BinaryIO,
+    max_documents: int | None,
+    max_tokens: int | None,
+    bar: Any,
+) -> tuple[_BuildStats, str]:
+    """Append documents to ``out`` in order until the source or a limit runs out; (stats, sha256)."""
+    stats = _BuildStats()
+    digest = hashlib.sha256()
+    for size, pieces in chunks:
+        for piece in pieces:
+            if piece.skipped is not None:
+                stats.skipped.append(piece.skipped)
+                continue
+            if piece.tokens is None:
+                stats.empty_documents += 1
+                continue
+            tokens = piece.tokens if max_tokens is None else piece.tokens[: max_tokens - stats.token_count]
+            data = tokens.tobytes()
+            out.write(data)
+            digest.update(data)
+            stats.token_count += len(tokens)
+            stats.n_documents += 1
+            if stats.n_documents == max_documents or stats.token_count == max_tokens:
+                return stats, digest.hexdigest()
+        bar.update(size)
+        bar.set_postfix(tokens=stats.token_count, refresh=False)
+    return stats, digest.hexdigest()
+
+
+def _nothing_usable_message(source: str, split: str, stats: _BuildStats) -> str:
+    examples = ", ".join(f"{name} ({why})" for name, why in stats.skipped[:3])
+    return (
+        f"no usable documents in {source!r} split {split!r}: {len(stats.skipped)} files skipped as "
+        f"empty/binary/non-UTF-8{': ' + examples if examples else ''}, {stats.empty_documents} empty rows"
+    )
+
+
+def _default_num_proc() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def _read_valid_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest if ``folder`` holds a complete cache of this format, else None (rebuild it)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        complete = (
+            manifest.get("format") == CACHE_FORMAT
+            and manifest.get("format_version") == CACHE_FORMAT_VERSION
+            and (folder / TOKENS_FILE).stat().st_size
+            == int(manifest["token_count"]) * np.dtype(manifest["dtype"]).itemsize
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if complete else None
+
+
+def _open_tokens(folder: Path, manifest: dict[str, Any]) -> np.memmap:
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    return np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r", shape=(int(manifest["token_count"]),))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

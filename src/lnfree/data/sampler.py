@@ -1,0 +1,117 @@
+"""``SequenceSampler``: deterministic, resumable batches of ``ctx``-token sequences from a ``TokenCache``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cache import TokenCache
+
+if TYPE_CHECKING:  # torch is imported lazily so tokenizer worker processes start fast.
+    import torch
+
+
+class SequenceSampler:
+    """Deterministic batches of ``ctx``-token sequences from a ``TokenCache``.
+
+    With ``shuffle=True`` each epoch visits every sequence once, in a permutation drawn from a numpy
+    Generator seeded by ``(seed, epoch)``; ``next_batch`` runs across epoch boundaries forever. The cursor
+    (epoch, position) is all the state there is, so ``state_dict``/``load_state_dict`` (plain ints, saved
+    as JSON in checkpoints) make a resumed run see exactly the batches the uninterrupted run would have.
+    With ``shuffle=False`` the order is the stream order, for evaluation via ``iter_batches``.
+    """
+
+    def __init__(self, cache: TokenCache, ctx: int, seed: int = 0, shuffle: bool = True):
+        if ctx < 2:
+            raise ValueError(f"ctx must be at least 2 (a sequence needs one prediction), got {ctx}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.cache = cache
+        self.ctx = ctx
+        self.seed = seed
+        self.shuffle = shuffle
+        self.n_sequences = cache.n_sequences(ctx)
+        if self.n_sequences == 0:
+            raise ValueError(f"{cache.path} has {cache.token_count} tokens, fewer than one sequence of ctx={ctx}")
+        self.epoch = 0
+        self.position = 0  # index into the current epoch's order of the next sequence to hand out
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sequence indices of ``epoch`` in visiting order."""
+        if not self.shuffle:
+            return np.arange(self.n_sequences)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order_cache = (epoch, rng.permutation(self.n_sequences))
+        return self._order_cache[1]
+
+    def next_batch(self, n: int) -> torch.Tensor:
+        """The next ``n`` sequences as a LongTensor of shape (n, ctx); advances the cursor."""
+        if n < 1:
+            raise ValueError(f"batch size must be positive, got {n}")
+        parts = []
+        remaining = n
+        while remaining:
+            order = self.epoch_order(self.epoch)
+            taken = order[self.position : self.position + remaining]
+            parts.append(taken)
+            self.position += len(taken)
+            remaining -= len(taken)
+            if self.position == self.n_sequences:
+                self.epoch, self.position = self.epoch + 1, 0
+        return self._gather(np.concatenate(parts))
+
+    def iter_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """One pass over all sequences in epoch-0 order (stream order when ``shuffle=False``), in
+        (batch_size, ctx) batches; the last incomplete batch is dropped. Does not move the cursor."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        order = self.epoch_order(0)
+        for start in range(0, self.n_sequences - batch_size + 1, batch_size):
+            yield self._gather(order[start : start + batch_size])
+
+    def state_dict(self) -> dict[str, int]:
+        """The cursor plus what identifies the data, all ints (JSON-serializable)."""
+        return {
+            "seed": self.seed,
+            "shuffle": int(self.shuffle),
+            "epoch": self.epoch,
+            "position": self.position,
+            "ctx": self.ctx,
+            "n_sequences": self.n_sequences,
+            "data_id": self.cache.data_id,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume from ``state_dict()``; refuses a state taken on other data or another ``ctx``."""
+        for name, mine in (
+            ("ctx", self.ctx),
+            ("n_sequences", self.n_sequences),
+            ("data_id", self.cache.data_id),
+        ):
+            if int(state[name]) != mine:
+                raise ValueError(
+                    f"sampler state is for {name}={state[name]}, this sampler has {name}={mine}; "
+                    "resume with the same token cache and ctx"
+                )
+        position = int(state["position"])
+        if not 0 <= position < self.n_sequences:
+            raise ValueError(f"sampler state position {position} out of range [0, {self.n_sequences})")
+        # The saved seed/shuffle win: the point of resuming is to continue the saved run's order.
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state["shuffle"])
+        self.epoch = int(state["epoch"])
+        self.position = position
+        self._order_cache = None
+
+    def _gather(self, indices: np.ndarray) -> torch.Tensor:
+        import torch
+
+        ctx = self.ctx
+        tokens = self.cache.tokens
+        # Contiguous slices (one memcpy each) beat fancy indexing into the memmap for long sequences.
+        batch = np.stack([tokens[i * ctx : (i + 1) * ctx] for i in indices.tolist()]).astype(np.int64)
+        return torch.from_numpy(batch)
