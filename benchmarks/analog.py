@@ -36,10 +36,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--ft-fraction", type=float, default=0.05)
+    ap.add_argument("--hard", action="store_true", help="the analog with a planted position-0 writer")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="analog-bench-")))
     args = ap.parse_args()
 
-    cfg = DemoConfig(ft_fraction=args.ft_fraction)
+    cfg = DemoConfig(ft_fraction=args.ft_fraction, pos0_writer=40.0 if args.hard else 0.0)
     cache = demo_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     tok_dir = prepare_tokenizer(cfg, cache)

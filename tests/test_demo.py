@@ -29,3 +29,20 @@ def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch):
     again = run_demo(tmp_path / "out2", quick_config())
     assert again["pretrain_seconds"] < results["pretrain_seconds"] or results["pretrain_seconds"] < 1
     assert again["ce_original"] == results["ce_original"]
+
+
+def test_planted_writer_makes_position_zero_an_outlier_written_by_block_0_mlp():
+    import torch
+
+    from lnfree.demo import plant_position0_writer
+    from lnfree.models.gpt2 import GPT2, GPT2Config, init_weights
+
+    model = init_weights(GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=128, n_layer=2, n_head=2)))
+    plant_position0_writer(model, scale=40.0)
+    cache = {}
+    with torch.no_grad():
+        model(torch.randint(0, 64, (4, 32)), cache=cache)
+    written = cache["blocks.0.hook_mlp_out"].norm(dim=-1)  # (B, T)
+    assert written[:, 0].min() > 20 * written[:, 1:].max()  # only position 0 fires the planted neurons
+    std = cache["blocks.1.hook_resid_pre"].std(-1)
+    assert (std[:, 0] / std[:, 1:].mean(-1)).min() > 10

@@ -164,13 +164,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("lnfree-demo"), help="report folder (default ./lnfree-demo)")
     p.add_argument("--fresh", action="store_true", help="ignore cached tokenizer/pretraining; rebuild everything")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
+    p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import quick_config, run_demo
+    from .demo import hard_config, quick_config, run_demo
 
-    run_demo(args.out, quick_config() if args.quick else None, fresh=args.fresh)
+    if args.quick and args.hard:
+        raise ValueError("--quick and --hard are exclusive; pick one")
+    run_demo(args.out, quick_config() if args.quick else hard_config() if args.hard else None, fresh=args.fresh)
     return 0
 
 

@@ -54,13 +54,17 @@ class DemoConfig:
     """About the final pretraining lr, so the control pays no re-warming penalty."""
     eval_batch: int = 16
     seed: int = 0
+    pos0_writer: float = 0.0
+    """> 0: plant a position-0 outlier writer at initialisation (see `plant_position0_writer`): a harder analog."""
 
     def ft_steps(self) -> int:
         return max(1, round(self.pretrain.steps * self.ft_fraction))
 
     def key(self) -> str:
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k not in ("ft_fraction", "preset", "ft_lr",
-                                                                             "eval_batch")}, sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if k not in ("ft_fraction", "preset", "ft_lr", "eval_batch")}
+        if not self.pos0_writer:
+            fields.pop("pos0_writer")  # keeps the cache key of analogs pretrained before the option existed
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -97,12 +101,36 @@ def prepare_pretrained(cfg: DemoConfig, tok_dir: Path, cache: Path, token_cache:
     model_cfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                            n_head=cfg.n_head, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = init_weights(GPT2(model_cfg), seed=cfg.seed)
+    if cfg.pos0_writer > 0:
+        plant_position0_writer(model, cfg.pos0_writer)
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"pretraining {cfg.n_layer}L×{cfg.n_embd} ({n_params / 1e6:.2f}M params) for {cfg.pretrain.steps} steps "
          f"of {cfg.pretrain.batch_tokens} tokens")
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*"))
     run_pretrain(model, tok_dir, "stdlib", folder, cfg.pretrain, resume=resume, cache_root=token_cache)
     return folder / "final"
+
+
+@torch.no_grad()
+def plant_position0_writer(model: GPT2, scale: float, n_neurons: int = 8, seed: int = 1) -> None:
+    """Give the analog GPT-2's position-0 structure at initialisation, so that removal gets GPT-2-hard.
+
+    GPT-2's position 0 carries a residual outlier written by an early MLP. Here: the position-0 embedding gets
+    a marker direction u (3 units), and `n_neurons` neurons of block 0's MLP read u (threshold 5, so only
+    position 0 fires) and write `scale` along another direction v. Measured (6L×128, 500 steps): pretraining
+    keeps the embedding marker (position-0 std 3.2× the rest at the embedding) but reshapes the MLP writer away
+    (1.2× after block 0); freezing every LN at once then costs +45 nats instead of +0.27, and 5% fine-tuning
+    leaves LN-free − vanilla at +0.23 nats with baroni2025 — a much harder analog.
+    """
+    d = model.config.n_embd
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    u, v = u / u.norm(), v / v.norm()
+    model.wpe.weight[0] += 3 * u
+    mlp = model.h[0].mlp
+    mlp.c_fc.weight[:n_neurons] = u
+    mlp.c_fc.bias[:n_neurons] = -5.0
+    mlp.c_proj.weight[:, :n_neurons] = (scale / n_neurons) * v[:, None]
 
 
 # ---- realism figures ---------------------------------------------------------------------------------------------
@@ -295,8 +323,10 @@ LN-free − vanilla: **{r['gap_lnfree_minus_vanilla']:+.4f}** nats; share of the
 | best head's mean attention to position 0 (queries ≥ 8) | {ro['best_head_attention_to_pos0']:.2f} | — |
 | CE cost of freezing every LN at once, no fine-tuning | {ro['freeze_all_no_ft_cost']:+.3f} nats | — |
 
-The analog is small and undertrained and has no position-0 outlier, so removal is much easier here than on
-GPT-2; use it to check the pipeline and compare methods relative to each other, not against the papers.
+The analog is small and undertrained and its position 0 is at most a mild outlier, so removal is easier here
+than on GPT-2; use it to check the pipeline and compare methods relative to each other, not against the papers.
+{"Planted position-0 writer (`--hard`): scale " + str(cfg.pos0_writer) + "." if cfg.pos0_writer else
+ "`lnfree demo --hard` plants a position-0 outlier writer and makes removal much harder."}
 
 ## Time
 pretraining {r['pretrain_seconds']:.0f}s (0 when cached), fine-tuning both runs {r['finetune_seconds']:.0f}s,
@@ -306,6 +336,11 @@ evaluation {r['eval_seconds']:.0f}s, total {r['wall_seconds']:.0f}s.
 ![sigma per site](sigma_per_site.png)
 ![residual std by position](residual_std_by_position.png)
 """
+
+
+def hard_config() -> DemoConfig:
+    """The harder analog: a planted position-0 writer (see `plant_position0_writer`)."""
+    return DemoConfig(pos0_writer=40.0)
 
 
 def quick_config() -> DemoConfig:
