@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lnfree.data import SequenceSampler, build_token_cache
-from lnfree.demo import DemoConfig, _ce, demo_cache_dir, prepare_pretrained, prepare_tokenizer
+from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, val_ce
 from lnfree.models import load_model
 from lnfree.runs import run_removal
 from lnfree.tokenizer import load_tokenizer
@@ -48,7 +48,7 @@ def main() -> None:
     val_cache = build_token_cache("stdlib", load_tokenizer(tok_dir), split="val", cache_root=cache / "tokens",
                                   progress=False)
     val = list(SequenceSampler(val_cache, cfg.ctx, shuffle=False).iter_batches(cfg.eval_batch))
-    ce_original = _ce(load_model(original), val, "original")["mean"]
+    ce_original = val_ce(load_model(original), val, "original")["mean"]
     steps = cfg.ft_steps()
     base = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
             "ctx": cfg.ctx, "lr": cfg.ft_lr, "min_lr": cfg.ft_lr, "warmup_steps": 0}
@@ -60,14 +60,14 @@ def main() -> None:
         folder = args.out / f"seed{seed}"
         run_removal(str(original), "stdlib", folder / "control", overrides=over, control=True,
                     cache_root=cache / "tokens", progress=False)
-        control = _ce(load_model(folder / "control" / "final"), val, "control")["mean"]
+        control = val_ce(load_model(folder / "control" / "final"), val, "control")["mean"]
         rows["vanilla control"].append(control)
         for name in args.methods:
             preset, extra = METHODS[name]
             run_dir = folder / name.replace(" ", "_").replace(",", "")
             run_removal(str(original), "stdlib", run_dir, preset=preset, overrides={**over, **extra},
                         cache_root=cache / "tokens", progress=False)
-            ce = _ce(load_model(run_dir / "final"), val, name)["mean"]
+            ce = val_ce(load_model(run_dir / "final"), val, name)["mean"]
             rows.setdefault(name, []).append(ce)
             gaps[name].append(ce - control)
             print(f"seed {seed} {name}: CE {ce:.4f} (control {control:.4f}, gap {ce - control:+.4f})", flush=True)

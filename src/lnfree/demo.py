@@ -120,7 +120,7 @@ def plant_position0_writer(model: GPT2, scale: float, n_neurons: int = 8, seed: 
     position 0 fires) and write `scale` along another direction v. Measured (6L×128, 500 steps): pretraining
     keeps the embedding marker (position-0 std 3.2× the rest at the embedding) but reshapes the MLP writer away
     (1.2× after block 0); freezing every LN at once then costs +45 nats instead of +0.27, and 5% fine-tuning
-    leaves LN-free − vanilla at +0.23 nats with baroni2025 — a much harder analog.
+    leaves LN-free − vanilla at +0.24 nats with baroni2025 — a much harder analog.
     """
     d = model.config.n_embd
     g = torch.Generator().manual_seed(seed)
@@ -157,7 +157,7 @@ def _val_batches(cache, ctx: int, batch: int) -> list[torch.Tensor]:
     return list(SequenceSampler(cache, ctx, shuffle=False).iter_batches(batch))
 
 
-def _ce(model: LNModel, batches, name: str) -> dict:
+def val_ce(model: LNModel, batches, name: str) -> dict:
     stats = evaluate_ce(model, batches, desc=name, progress=False)
     return {"mean": stats.mean, "median": stats.median, "p999": stats.p999, "max": stats.max,
             "n_tokens": stats.n_tokens, "tokens_per_s": stats.tokens_per_second}
@@ -168,7 +168,7 @@ def freeze_all_cost(model_dir: Path, calib: list[torch.Tensor], val: list[torch.
     model = load_model(model_dir)
     calibrate(model, calib)
     apply_site_states(model, {n: SiteState(True, 0.0, 0.0) for n in model.norm_sites()})
-    return _ce(model, val, "frozen, no FT")["mean"]
+    return val_ce(model, val, "frozen, no FT")["mean"]
 
 
 def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
@@ -212,7 +212,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     val = _val_batches(val_cache, cfg.ctx, cfg.eval_batch)
     models = {"original": load_model(original_dir), "vanilla": load_model(runs / "vanilla" / "final"),
               "lnfree": load_model(runs / "lnfree" / "final")}
-    ce = {name: _ce(m, val, name) for name, m in models.items()}
+    ce = {name: val_ce(m, val, name) for name, m in models.items()}
     from .data import SequenceSampler
 
     calib = [SequenceSampler(train_cache, cfg.ctx, seed=1).next_batch(cfg.eval_batch) for _ in range(4)]
