@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .data import build_token_cache, list_source_files
+from .data import SequenceSampler, build_token_cache, list_source_files
 from .evaluate import evaluate_ce
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import SiteState
@@ -152,8 +152,6 @@ def realism(model: LNModel, batch: torch.Tensor) -> dict:
 
 
 def _val_batches(cache, ctx: int, batch: int) -> list[torch.Tensor]:
-    from .data import SequenceSampler
-
     return list(SequenceSampler(cache, ctx, shuffle=False).iter_batches(batch))
 
 
@@ -213,8 +211,6 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     models = {"original": load_model(original_dir), "vanilla": load_model(runs / "vanilla" / "final"),
               "lnfree": load_model(runs / "lnfree" / "final")}
     ce = {name: val_ce(m, val, name) for name, m in models.items()}
-    from .data import SequenceSampler
-
     calib = [SequenceSampler(train_cache, cfg.ctx, seed=1).next_batch(cfg.eval_batch) for _ in range(4)]
     frozen_ce = freeze_all_cost(original_dir, calib, val)
     real = realism(models["original"], val[0])
