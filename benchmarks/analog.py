@@ -1,10 +1,14 @@
-"""Rank removal methods on the offline analog: LN-free − vanilla CE gap per method, side by side, with seeds.
+"""Rank removal presets on the offline analogs: each preset's LN-free − vanilla CE gap, seeds side by side.
 
-Uses the demo's cached pretrained analog (pretrains it first if absent) and fine-tunes it with each method
-on the same fine-tuning budget (default 5% of pretraining tokens), one vanilla control per seed. Prints a
-Markdown table of val CE and gaps (mean ± SD over seeds). No assertions: this is a measurement.
+Uses the demo's cached pretrained analog (`--hard`: the one with a planted position-0 writer; pretrains it first
+if absent) and fine-tunes it with each preset on the same budget (default 5% of pretraining tokens). Every
+preset keeps its own shape — schedule, warmup and lr horizon stretched to the budget, betas, weight decay,
+dropout, auxiliary loss, σ̂ rule, specials — on the analog's batch, and its lr scaled by `--lr-scale` (the
+analog's fine-tuning lr over GPT-2's 6e-4). The vanilla control of a preset is the same run without removal
+and without the auxiliary loss; presets whose controls would be identical share one. Prints a Markdown table
+(mean ± SD over seeds) and writes analog_bench.json. No assertions: this is a measurement.
 
-    .venv/bin/python benchmarks/analog.py --seeds 0 1 --out /tmp/analog-bench
+    .venv/bin/python benchmarks/analog.py --seeds 0 1 2 [--hard] [--methods ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -14,28 +18,57 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, val_ce
 from lnfree.models import load_model
-from lnfree.runs import run_removal
+from lnfree.recipes import PRESETS, get_recipe
+from lnfree.runs import removal_plan, run_removal
 from lnfree.tokenizer import load_tokenizer
 
-# name -> (preset, extra overrides)
-METHODS = {
-    "baroni2025": ("baroni2025", {}),
-    "baroni2025, no aux loss": ("baroni2025", {"aux_weight": 0.0}),
-    "heimersheim2024": ("heimersheim2024", {}),
-    "all-at-once": ("all-at-once", {}),
-}
+DEFAULT_METHODS = ["heimersheim2024", "baroni2025", "baroni2025-small-noaux", "all-at-once", "lnfree"]
+
+
+def register_candidates() -> dict[str, str]:
+    """Variants of baroni2025-small tried while choosing `lnfree` (name -> what changes). Benchmark-only."""
+    from lnfree.method.schedule import SITE_KINDS
+
+    def variant(name, *, specials=False, flat_lr=False, step_ema=False):
+        def preset(n_layer):
+            r = get_recipe("baroni2025", n_layer)
+            spec, train, sigma = r.removal, r.train, r.sigma
+            if specials:  # position 0 and EOT keep their own σ̂ at every site, eased out one site at a time
+                spec = replace(spec, eot_kinds=SITE_KINDS, bos_kinds=SITE_KINDS, eot_after=2, bos_after=2,
+                               special_gap=1, eot_ramp=2, bos_ramp=2)
+                sigma = replace(sigma, positions="apart")
+            if flat_lr:  # no decay before the last removal: the cosine's horizon at twice the run
+                train = replace(train, decay_steps=2 * train.steps)
+            if step_ema:  # one EMA update per optimizer step that keeps the reference's per-step fraction
+                sigma = replace(sigma, ema="step", momentum=sigma.momentum ** sigma.reference_calls,
+                                tracking="site")
+            return replace(r, name=name, removal=spec, train=train, sigma=sigma)
+        PRESETS[name] = preset
+
+    candidates = {
+        "cand-specials": dict(specials=True),
+        "cand-flat-lr": dict(flat_lr=True),
+        "cand-step-ema": dict(step_ema=True),
+        "cand-specials-flat-lr": dict(specials=True, flat_lr=True),
+    }
+    for name, kw in candidates.items():
+        variant(name, **kw)
+    return {name: ", ".join(kw) for name, kw in candidates.items()}
 
 
 def main() -> None:
+    candidates = register_candidates()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(PRESETS))
     ap.add_argument("--ft-fraction", type=float, default=0.05)
+    ap.add_argument("--lr-scale", type=float, default=0.5, help="analog fine-tuning lr / GPT-2's (3e-4 / 6e-4)")
     ap.add_argument("--hard", action="store_true", help="the analog with a planted position-0 writer")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="analog-bench-")))
     args = ap.parse_args()
@@ -49,36 +82,46 @@ def main() -> None:
                                   progress=False)
     val = list(SequenceSampler(val_cache, cfg.ctx, shuffle=False).iter_batches(cfg.eval_batch))
     ce_original = val_ce(load_model(original), val, "original")["mean"]
-    steps = cfg.ft_steps()
-    base = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
-            "ctx": cfg.ctx, "lr": cfg.ft_lr, "min_lr": cfg.ft_lr, "warmup_steps": 0}
-    rows: dict[str, list[float]] = {"vanilla control": []}
-    gaps: dict[str, list[float]] = {m: [] for m in args.methods}
+    n_layer, steps = cfg.n_layer, cfg.ft_steps()
+    budget = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
+              "ctx": cfg.ctx}
+    ce: dict[str, list[float]] = {m: [] for m in args.methods}
+    controls: dict[str, list[float]] = {m: [] for m in args.methods}
     t0 = time.time()
     for seed in args.seeds:
-        over = {**base, "seed": seed}
-        folder = args.out / f"seed{seed}"
-        run_removal(str(original), "stdlib", folder / "control", overrides=over, control=True,
-                    cache_root=cache / "tokens", progress=False)
-        control = val_ce(load_model(folder / "control" / "final"), val, "control")["mean"]
-        rows["vanilla control"].append(control)
+        control_ce: dict[str, float] = {}  # one control per distinct set of training settings
         for name in args.methods:
-            preset, extra = METHODS[name]
-            run_dir = folder / name.replace(" ", "_").replace(",", "")
-            run_removal(str(original), "stdlib", run_dir, preset=preset, overrides={**over, **extra},
-                        cache_root=cache / "tokens", progress=False)
-            ce = val_ce(load_model(run_dir / "final"), val, name)["mean"]
-            rows.setdefault(name, []).append(ce)
-            gaps[name].append(ce - control)
-            print(f"seed {seed} {name}: CE {ce:.4f} (control {control:.4f}, gap {ce - control:+.4f})", flush=True)
+            recipe = get_recipe(name, n_layer)
+            over = {**budget, "seed": seed, "lr": recipe.train.lr * args.lr_scale,
+                    "min_lr": recipe.train.min_lr * args.lr_scale}
+            key = json.dumps(asdict(replace(removal_plan(n_layer, name, over).train, aux_weight=0.0)), sort_keys=True)
+            folder = args.out / f"seed{seed}"
+            if key not in control_ce:
+                run_dir = folder / f"control-{len(control_ce)}"
+                run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over, control=True,
+                            cache_root=cache / "tokens", progress=False)
+                control_ce[key] = val_ce(load_model(run_dir / "final"), val, "control")["mean"]
+            run_dir = folder / name
+            run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over, cache_root=cache / "tokens",
+                        progress=False)
+            ce[name].append(val_ce(load_model(run_dir / "final"), val, name)["mean"])
+            controls[name].append(control_ce[key])
+            print(f"seed {seed} {name}: CE {ce[name][-1]:.4f}, its control {control_ce[key]:.4f}, "
+                  f"gap {ce[name][-1] - control_ce[key]:+.4f} ({time.time() - t0:.0f}s)", flush=True)
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-    print(f"\noriginal val CE {ce_original:.4f}; fine-tuning {steps} steps × {cfg.pretrain.batch_tokens} tokens "
-          f"({args.ft_fraction:.0%} of pretraining); seeds {args.seeds}; {time.time() - t0:.0f}s\n")
-    print("| method | val CE | LN-free − vanilla |\n|---|---|---|")
-    for name, ces in rows.items():
-        gap = f"{statistics.mean(gaps[name]):+.4f} ± {sd(gaps[name]):.4f}" if name in gaps else "—"
-        print(f"| {name} | {statistics.mean(ces):.4f} ± {sd(ces):.4f} | {gap} |")
-    (args.out / "analog_bench.json").write_text(json.dumps({"ce": rows, "gaps": gaps, "original": ce_original}))
+    print(f"\n{'hard' if args.hard else 'plain'} analog; original val CE {ce_original:.4f}; fine-tuning {steps} "
+          f"steps × {cfg.pretrain.batch_tokens} tokens ({args.ft_fraction:.0%} of pretraining); lr × {args.lr_scale};"
+          f" seeds {args.seeds}; {time.time() - t0:.0f}s\n")
+    print("| preset | LN-free val CE | its vanilla control | LN-free − vanilla |\n|---|---|---|---|")
+    for name in args.methods:
+        gaps = [a - b for a, b in zip(ce[name], controls[name], strict=True)]
+        note = f" ({candidates[name]})" if name in candidates else ""
+        print(f"| {name}{note} | {statistics.mean(ce[name]):.4f} ± {sd(ce[name]):.4f} | "
+              f"{statistics.mean(controls[name]):.4f} ± {sd(controls[name]):.4f} | "
+              f"{statistics.mean(gaps):+.4f} ± {sd(gaps):.4f} |")
+    (args.out / "analog_bench.json").write_text(json.dumps(
+        {"ce": ce, "controls": controls, "original": ce_original, "hard": args.hard, "seeds": args.seeds,
+         "steps": steps, "lr_scale": args.lr_scale}, indent=1))
 
 
 if __name__ == "__main__":

@@ -384,6 +384,25 @@ def test_hub_text_split_fallback_and_pretokenized_rows(tok, fake_hub, tmp_path):
         build_token_cache("someone/too-big", tok, "train", cache_root=tmp_path, progress=False)
 
 
+def test_pile_filtered_scores_its_stored_ids_like_the_2025_code(tok, fake_hub, tmp_path, monkeypatch):
+    """removing-layer-norm's pile_eval.py concatenates the dataset's stored GPT-2 `input_ids`; re-tokenising its
+    `text` could give other ids. With both columns we read the ids; with text alone, the text."""
+    from dataclasses import replace
+
+    spec = data.sources.HUB_ALIASES["pile-filtered"]
+    assert spec.prefer_ids and spec.expected_vocab == 50257
+    monkeypatch.setitem(data.sources.HUB_ALIASES, "pile-filtered", replace(spec, expected_vocab=len(tok)))
+    repos, _ = fake_hub
+    rows = [[5, 6, 7, tok.eos_token_id], [8, 9, tok.eos_token_id]]
+    texts = ["def f():", "return 1"]
+    repos[spec.repo] = {"train": {"text": texts, "input_ids": rows}}
+    cache = build_token_cache("pile-filtered", tok, "val", cache_root=tmp_path, progress=False)
+    np.testing.assert_array_equal(np.asarray(cache.tokens), np.concatenate(rows))
+    repos[spec.repo] = {"train": {"text": texts}}
+    text_only = build_token_cache("pile-filtered", tok, "val", cache_root=tmp_path / "t", progress=False)
+    np.testing.assert_array_equal(np.asarray(text_only.tokens), direct_tokens(tok, texts))
+
+
 def test_unknown_source_and_split_are_rejected(tok, mixed, tmp_path):
     with pytest.raises(DataSourceError, match="unknown data source"):
         build_token_cache("not a source at all", tok, cache_root=tmp_path)

@@ -247,12 +247,38 @@ def in_task_dir(monkeypatch, workdir):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(workdir / "hf_datasets"))
 
 
+def _direct_hellaswag_scores(model, tok) -> tuple[float, float]:
+    """HellaSwag's acc / acc_norm computed by hand: the stock preprocessing, then for every ending the summed
+    log-probability of " " + ending after the query (split where the query's own tokens end, as lm-eval does);
+    acc_norm divides by the ending's length in characters; inputs longer than the context keep their end."""
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    docs = process_docs(datasets.load_dataset("json", data_files="hellaswag_mini.jsonl", split="train"))
+    hits, hits_norm = [], []
+    for doc in docs:
+        lls = []
+        for ending in doc["choices"]:
+            n_context = len(tok(doc["query"])["input_ids"])
+            whole = tok(doc["query"] + " " + ending)["input_ids"]
+            n_cont = len(whole) - n_context
+            window = whole[-(model.config.n_positions + 1):]  # lm-eval keeps the last max_length + 1 tokens
+            with torch.no_grad():
+                logp = model(torch.tensor([window[:-1]])).log_softmax(-1)[0]
+            lls.append(sum(logp[i - 1, window[i]].item() for i in range(len(window) - n_cont, len(window))))
+        gold = int(doc["gold"])
+        hits.append(max(range(4), key=lambda i: lls[i]) == gold)
+        hits_norm.append(max(range(4), key=lambda i: lls[i] / len(doc["choices"][i])) == gold)
+    return sum(hits) / len(hits), sum(hits_norm) / len(hits_norm)
+
+
 def test_lm_eval_local_hellaswag(in_task_dir, model_dir, published_dir, tok):
     from lnfree.lmeval import run_benchmarks
 
     scores = run_benchmarks(model_dir, ["hellaswag_local"], include_path=".", device="cpu")
     row = scores["hellaswag_local"]
-    assert row["n"] == 8 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
+    acc, acc_norm = _direct_hellaswag_scores(load_model(model_dir).eval(), tok)
+    assert row["n"] == 8 and row["acc"] == pytest.approx(acc) and row["acc_norm"] == pytest.approx(acc_norm)
     folded = load_model(published_dir).fold()  # a norm-free model object needs no transformers class
     row2 = run_benchmarks(folded, "hellaswag_local", include_path=".", tokenizer=tok, device="cpu", limit=4)
     assert row2["hellaswag_local"]["n"] == 4

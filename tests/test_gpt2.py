@@ -139,3 +139,27 @@ def test_untied_lm_head_is_refused(tmp_path, hf_gpt2_dir):
     save_file(state, hf_gpt2_dir / "model.safetensors")
     with pytest.raises(ValueError, match="untied lm_head"):
         load_model(hf_gpt2_dir)
+
+
+@pytest.mark.parametrize("where", ["embd", "attn", "resid"])
+def test_dropout_sits_where_transformers_puts_it(tmp_path, where):
+    """Dropout with p = 1 is deterministic (it zeroes), so one placement at a time can be compared with
+    transformers' GPT-2 in training mode; in evaluation mode dropout is off."""
+    hf = make_hf_gpt2(n_layer=2)
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).train()
+    cfg = hf.config
+    cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop = (float(where == k) for k in ("embd", "attn", "resid"))
+    dropping = transformers.GPT2LMHeadModel(cfg)
+    dropping.load_state_dict(hf.state_dict())
+    dropping.train()
+    modules = {"embd": [ours], "attn": [b.attn for b in ours.h], "resid": [m for b in ours.h for m in (b, b.mlp)]}
+    for module in modules[where]:
+        module.dropout_p = 1.0
+    idx = random_tokens()
+    with torch.no_grad():
+        expected, got = dropping(idx).logits, ours(idx)
+        assert (expected - hf.eval()(idx).logits).abs().max() > 1e-2  # the placement matters
+        assert (got - expected).abs().max().item() <= 1e-5
+        ours.set_dropout(0.5)
+        assert torch.equal(ours.eval()(idx), ours(idx))  # evaluation forwards never drop

@@ -1,4 +1,5 @@
-"""Schedules: the papers' timelines, purity, rescaling, serialisation, the CLI printout."""
+"""Schedules: phase order at every depth, state against a direct reading, specials per site, rescaling, JSON,
+the CLI printout. The papers' exact steps are held in test_presets.py."""
 
 from __future__ import annotations
 
@@ -8,75 +9,109 @@ import sys
 
 import pytest
 
-from lnfree.method.schedule import Schedule, all_site_names, control_schedule
+from lnfree.method.schedule import (
+    SITE_KINDS,
+    RemovalSpec,
+    Schedule,
+    all_site_names,
+    build_schedule,
+    control_schedule,
+    site_kind,
+)
 from lnfree.recipes import PRESETS, get_recipe, recipe_schedule
 
-
-def _freeze_steps(schedule, kind):
-    return [at for site, at in schedule.freeze_at.items() if site.endswith(kind)]
+PHASES = [*SITE_KINDS, "eot", "bos"]  # ln2 → ln1.qk → ln1.v → ln_final → EOT specials → position-0 specials
 
 
-def test_heimersheim2024_on_gpt2_small():
-    s = recipe_schedule(get_recipe("heimersheim2024", 12), 12)
-    assert _freeze_steps(s, ".ln2") == list(range(200, 421, 20))  # ln2 from step 200, 20 apart
-    assert _freeze_steps(s, ".ln1.qk") == list(range(440, 661, 20))
-    assert _freeze_steps(s, ".ln1.v") == list(range(680, 1011, 30))  # start = 440 + 12 × 20
-    assert s.freeze_at["ln_final"] == 1040  # 680 + 12 × 30
-    assert (s.eot_off, s.bos_off, s.total_steps) == (1060, 1160, 1200)
+def _phase_steps(s: Schedule) -> dict[str, list[int]]:
+    out = {p: [] for p in PHASES}
+    for site, at in s.freeze_at.items():
+        out[site_kind(site)].append(at)
+    out["eot"] = list(s.eot_off.values())
+    out["bos"] = list(s.bos_off.values())
+    return out
 
 
-def test_baroni2025_on_gpt2_small_and_sizes():
-    s = recipe_schedule(get_recipe("baroni2025", 12), 12)
-    assert _freeze_steps(s, ".ln2") == list(range(20, 43, 2))
-    assert _freeze_steps(s, ".ln1.qk") == list(range(44, 67, 2))
-    assert _freeze_steps(s, ".ln1.v") == list(range(68, 102, 3))
-    assert (s.freeze_at["ln_final"], s.eot_off, s.bos_off, s.total_steps) == (104, 106, 116, 300)
-    assert get_recipe("baroni2025", 12).train.aux_weight == 0.1
-    # per-size settings picked by depth (Baroni et al. 2025, Table: steps; large uses lr 3e-4, gaps 4/4/6)
-    for n_layer, steps in ((24, 500), (36, 600), (48, 800)):
-        assert recipe_schedule(get_recipe("baroni2025", n_layer), n_layer).total_steps == steps
-    large = recipe_schedule(get_recipe("baroni2025", 36), 36)
-    assert _freeze_steps(large, ".ln2")[:3] == [20, 24, 28]
-    assert get_recipe("baroni2025", 36).train.lr == 3e-4
+def _layer_of(site: str) -> int:
+    return int(site.split(".")[1]) if site.startswith("blocks.") else -1
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [*PRESETS, "per-site specials"])
 @pytest.mark.parametrize("n_layer", [1, 5, 48])
-def test_every_preset_covers_every_site_in_order(name, n_layer):
-    s = recipe_schedule(get_recipe(name, n_layer), n_layer)
+def test_phases_in_order_at_every_depth(name, n_layer):
+    if name == "per-site specials":
+        spec = RemovalSpec(start=3, gaps={"ln2": 2, "ln1qk": 1, "ln1v": 3}, eot_after=2, bos_after=4, tail=5,
+                           eot_kinds=SITE_KINDS, bos_kinds=("ln2", "ln1v"), special_gap=2)
+        s = build_schedule(spec, n_layer)
+    else:
+        s = recipe_schedule(get_recipe(name, n_layer), n_layer)
     assert sorted(s.freeze_at) == sorted(all_site_names(n_layer))
-    steps = [e[0] for e in s.events()]
-    assert steps == sorted(steps) and steps[-1] < s.total_steps
-    assert not s.is_complete_at(s.bos_off - 1) or s.bos_off == 0
-    assert s.is_complete_at(s.total_steps - 1)
+    steps = _phase_steps(s)
+    present = [p for p in PHASES if steps[p]]
+    for before, after in zip(present, present[1:], strict=False):  # every step of a phase ≤ every step of the next one
+        assert max(steps[before]) <= min(steps[after]), (before, after)
+    for kind in ("ln2", "ln1qk", "ln1v"):  # within a phase, block i before block i + 1
+        by_layer = sorted((_layer_of(site), at) for site, at in s.freeze_at.items() if site_kind(site) == kind)
+        assert [at for _, at in by_layer] == sorted(at for _, at in by_layer)
+    for offs in (s.eot_off, s.bos_off):  # specials leave in removal order
+        assert list(offs.values()) == sorted(offs.values())
+        assert all(offs[site] > s.freeze_at[site] for site in offs) or s.freeze_at["ln_final"] == 0
+    assert s.last_event < s.total_steps and s.is_complete_at(s.total_steps - 1)
+    if s.last_event > 0:
+        assert not s.is_complete_at(s.last_event - 1)
 
 
-def test_state_is_a_pure_function_of_step():
-    s = recipe_schedule(get_recipe("baroni2025", 4), 4)
-    assert s.state_at(50) == s.state_at(50)
-    before, at = s.state_at(19), s.state_at(20)
-    assert not before["blocks.0.ln2"].frozen and at["blocks.0.ln2"].frozen
-    assert not at["blocks.1.ln2"].frozen
-    assert at["blocks.0.ln2"].bos_weight == 1.0 and s.state_at(s.bos_off)["ln_final"].bos_weight == 0.0
+def _direct_state(s: Schedule, site: str, step: int) -> tuple[bool, float, float]:
+    """What the schedule means, read straight from its fields."""
+    def weight(off, ramp):
+        if off is None:
+            return 0.0
+        if step >= off:
+            return 0.0
+        return 1.0 if step < off - ramp else (off - step) / ramp
+    return (step >= s.freeze_at[site], weight(s.bos_off.get(site), s.bos_ramp),
+            weight(s.eot_off.get(site), s.eot_ramp))
+
+
+def test_state_at_every_step_matches_a_direct_reading():
+    spec = RemovalSpec(start=2, gaps={"ln2": 1, "ln1qk": 2, "ln1v": 1}, eot_after=1, bos_after=2, tail=3,
+                       eot_kinds=("ln1v", "ln_final"), bos_kinds=SITE_KINDS, special_gap=1, eot_ramp=2, bos_ramp=3)
+    s = build_schedule(spec, 3)
+    again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
+    for step in range(s.total_steps + 2):
+        state = again.state_at(step)
+        assert set(state) == set(s.freeze_at)
+        for site, st in state.items():
+            assert (st.frozen, st.bos_weight, st.eot_weight) == pytest.approx(_direct_state(s, site, step)), \
+                (site, step)
+
+
+def test_sites_without_a_special_never_use_one():
+    s = recipe_schedule(get_recipe("heimersheim2024", 2), 2)
+    frozen = s.state_at(s.freeze_at["ln_final"])
+    assert frozen["blocks.0.ln1.v"].eot_weight == 1.0  # the 2024 code's EOT special: ln_1's V path only
+    assert frozen["blocks.0.ln1.qk"].eot_weight == 0.0 and frozen["blocks.0.ln2"].eot_weight == 0.0
+    assert all(st.bos_weight == 0.0 for st in frozen.values())
 
 
 def test_bos_special_can_be_eased_out():
-    s = Schedule(total_steps=20, freeze_at={"ln_final": 0}, eot_off=5, bos_off=10, bos_ramp=4)
+    s = Schedule(total_steps=20, freeze_at={"ln_final": 0}, eot_off={"ln_final": 5}, bos_off={"ln_final": 10},
+                 bos_ramp=4)
     weights = [s.state_at(t)["ln_final"].bos_weight for t in range(5, 12)]
     assert weights == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
 
 
 def test_rescale_keeps_order_and_proportion():
-    s = recipe_schedule(get_recipe("baroni2025", 12), 12, steps=150)
-    assert s.total_steps == 150 and s.rescaled_from == 300
-    assert s.freeze_at["blocks.0.ln2"] == 10 and s.bos_off == round(116 / 2)
-    assert "rescaled from the preset's 300 steps" in s.format_timeline()
+    s = recipe_schedule(get_recipe("heimersheim2024", 12), 12, steps=600)
+    assert s.total_steps == 600 and s.rescaled_from == 1200
+    assert s.freeze_at["blocks.0.ln2"] == 100 and s.eot_off["blocks.3.ln1.v"] == 530
+    assert "rescaled from the preset's 1200 steps" in s.format_timeline()
 
 
 def test_json_round_trip():
-    s = recipe_schedule(get_recipe("heimersheim2024", 3), 3, steps=77)
+    s = recipe_schedule(get_recipe("heimersheim2024", 3), 3, steps=777)
     again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
-    assert again == s and again.state_at(40) == s.state_at(40)
+    assert again == s
 
 
 def test_control_freezes_nothing():
@@ -84,7 +119,6 @@ def test_control_freezes_nothing():
 
 
 def test_too_short_run_is_refused():
-    from lnfree.method.schedule import build_schedule
     with pytest.raises(ValueError, match="too short"):
         build_schedule(get_recipe("baroni2025", 12).removal, 12, total_steps=50)
 
@@ -94,6 +128,6 @@ def test_cli_prints_timeline_and_rejects_unknown_preset():
                                     capture_output=True, text=True)
     ok = run("--preset", "heimersheim2024", "--layers", "48")
     assert ok.returncode == 0
-    assert "blocks.47.ln1.v" in ok.stdout and "bos special" in ok.stdout
+    assert "blocks.47.ln1.v" in ok.stdout and "eot special σ̂ removed (48 sites)" in ok.stdout
     bad = run("--preset", "nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "known: heimersheim2024" in bad.stderr

@@ -12,6 +12,7 @@ from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import SiteState
 from lnfree.method.sites import RemovableLayerNorm
 from lnfree.models import load_model
+from lnfree.recipes import get_recipe
 
 
 def _layer(d=12, paths=("",)):
@@ -177,6 +178,128 @@ def test_ema_once_per_step_training_forwards_only(hf_gpt2_dir):
     assert site_v.sigma.item() == pytest.approx(expected, rel=1e-5)
 
 
+def _centred_pooled_std(x):
+    """The 2024 code's std_dicts: `tensor[:, 1:, :].std()` on TransformerLens' centred residual stream (as a
+    population std: the code's n/(n−1) is negligible at GPT-2's 768 × 1023 elements, not at this test's 144)."""
+    return (x - x.mean(-1, keepdim=True)).flatten().std(correction=0).item()
+
+
+def test_calibration_rules_of_the_two_papers(hf_gpt2_dir):
+    batches = [random_tokens(seed=s) for s in range(3)]
+    model = load_model(hf_gpt2_dir)
+    with torch.no_grad():
+        resid = torch.cat([model(b, cache=(c := {})) is not None and c["blocks.1.hook_resid_mid"] for b in batches])
+    eot = torch.cat([b == EOT for b in batches])
+    assert eot[:, 1:].any()  # EOT tokens sit among positions ≥ 1 here
+    site = model.norm_sites()["blocks.1.ln2"]
+    # Heimersheim 2024: pooled std of positions ≥ 1 (EOT included), position 0's for the EOT special
+    calibrate(model, batches, get_recipe("heimersheim2024", 2).sigma)
+    assert site.sigma.item() == pytest.approx(_centred_pooled_std(resid[:, 1:]), rel=1e-4)
+    assert site.sigma_bos.item() == pytest.approx(_centred_pooled_std(resid[:, :1]), rel=1e-4)
+    assert site.sigma_eot.item() == site.sigma_bos.item()
+    # Baroni et al. 2025: FakeLayerNorm.recompute_average_std — mean of sqrt(var + 1e-5) over every position
+    calibrate(model, batches, get_recipe("baroni2025", 2).sigma)
+    assert site.sigma.item() == pytest.approx(_std(resid).mean().item(), rel=1e-5)
+
+
+class Reference2025LayerNorm:
+    """The σ̂ of removing-layer-norm train.py's FakeLayerNorm (bos_special_treatment off, EXP_RECOMPUTE_STD_ON_REAL=1):
+    every call moves `real_average_std`; a call on a real path copies it into the buffer the fake paths use."""
+
+    def __init__(self, sigma: float, momentum: float):
+        self.real = self.buffer = sigma
+        self.momentum = momentum
+        self.fake = {"qk": False, "v": False}
+
+    def __call__(self, x, path):
+        std = (x.var(dim=-1, unbiased=False) + 1e-5).sqrt()
+        self.real = self.momentum * self.real + (1 - self.momentum) * std.mean().item()
+        if not self.fake[path]:
+            self.buffer = self.real
+
+    def block_forward(self, x):  # Block.new_forward: ln_1 for Q/K, for V, and for V at EOT positions
+        for path in ("qk", "v", "v"):
+            self(x, path)
+
+
+@pytest.mark.parametrize("tracking", ["norm", "site"])
+def test_per_call_ema_is_the_2025_fakelayernorm(hf_gpt2_dir, tracking):
+    from lnfree.method.sigma import SigmaRule
+
+    model = load_model(hf_gpt2_dir).train()
+    rule = SigmaRule(positions="pooled", ema="call", momentum=0.7, v_reads=2, tracking=tracking)
+    calibrate(model, [random_tokens(seed=9)], rule)
+    model.set_sigma_rule(rule, micro_batches_per_step=4)
+    layer = model.h[0].ln_1
+    qk, v = layer.sites
+    ref = Reference2025LayerNorm(qk.sigma.item(), momentum=0.7)
+    g = torch.Generator().manual_seed(0)
+    for phase in ("live", "qk frozen", "all frozen"):
+        if phase == "qk frozen":
+            qk.frozen.fill_(True)
+            ref.fake["qk"] = True
+        if phase == "all frozen":
+            v.frozen.fill_(True)
+            ref.fake["v"] = True
+        for _ in range(3):
+            x = torch.randn(2, 9, 48, generator=g) * (1 + torch.rand(1, generator=g).item())
+            with model.collect_norm_stats():
+                layer(x, torch.zeros(2, 9, dtype=torch.bool))
+            ref.block_forward(x)
+            assert v.sigma.item() == pytest.approx(ref.buffer, rel=1e-5), phase
+            if tracking == "norm":  # one buffer for both paths: the frozen Q/K path keeps moving with V
+                assert qk.sigma.item() == pytest.approx(ref.buffer, rel=1e-5), phase
+        if tracking == "site" and phase != "live":
+            assert qk.sigma.item() != pytest.approx(ref.buffer, rel=1e-5)  # ours stopped when Q/K froze
+
+
+def test_per_call_momentum_keeps_the_reference_fraction_per_step(hf_gpt2_dir):
+    from lnfree.method.sigma import SigmaRule
+
+    model = load_model(hf_gpt2_dir).train()
+    rule = SigmaRule(positions="pooled", ema="call", momentum=0.9, reference_calls=16, v_reads=2, tracking="norm")
+    model.set_sigma_rule(rule, micro_batches_per_step=4)  # 4 of our micro-batches stand for 16 of the reference
+    x = torch.randn(3, 10, 48) * 2
+    target = _std(x).mean().item()
+    for layer, reads in ((model.h[0].ln_2, 1), (model.h[0].ln_1, 3)):
+        for site in layer.sites:
+            site.sigma.fill_(1.0)
+        with model.collect_norm_stats():
+            for _ in range(4):
+                layer(x)
+        kept = 0.9 ** (16 * reads)  # what 16 reference micro-batches keep of the old σ̂
+        assert layer.sites[0].sigma.item() == pytest.approx(target + (1.0 - target) * kept, rel=1e-6)
+
+
+def test_position0_holding_an_eot_token():
+    ln, x = _layer(), torch.randn(2, 5, 12) * 3
+    site = ln.sites[0]
+    eot = torch.zeros(2, 5, dtype=torch.bool)
+    eot[0, 0] = eot[1, 3] = True  # sequence 0 starts with EOT
+    std = _std(x)
+    ln.collecting = True
+    ln(x, eot)
+    ln.ema_step(0.0)
+    assert site.sigma_bos.item() == pytest.approx(std[:, 0].mean().item(), rel=1e-6)  # position 0 counts as BOS
+    assert site.sigma_eot.item() == pytest.approx(std[1, 3].item(), rel=1e-6)  # not as EOT
+    main = torch.ones(2, 5, dtype=torch.bool)
+    main[:, 0] = False
+    main[1, 3] = False
+    assert site.sigma.item() == pytest.approx(std[main].mean().item(), rel=1e-6)
+    ln.collecting = False
+    site.frozen.fill_(True)
+    site.sigma.fill_(2.0)
+    site.sigma_bos.fill_(30.0)
+    site.sigma_eot.fill_(5.0)
+    for bos_weight, first in ((1.0, 30.0), (0.0, 5.0)):  # BOS special while it lasts, then the EOT one
+        site.bos_weight.fill_(bos_weight)
+        expected = torch.full((2, 5, 1), 2.0)
+        expected[1, 3] = 5.0
+        expected[0, 0] = first
+        expected[1, 0] = 30.0 if bos_weight else 2.0
+        assert torch.allclose(ln(x, eot)[0], _fake_ln(x, expected, ln), atol=1e-6)
+
+
 def test_sigma_freezes_at_the_switch(hf_gpt2_dir):
     model = load_model(hf_gpt2_dir).train()
     calibrate(model, [random_tokens(seed=9)])
@@ -203,11 +326,20 @@ def _freeze_all(model, bos=0.0, eot=0.0):
     apply_site_states(model, {n: SiteState(True, bos, eot) for n in model.norm_sites()})
 
 
+def _distinct_sigmas(model):
+    """Give every site its own σ̂, as a real run does (Q/K freezes before V under an EMA): calibration alone
+    gives both ln_1 paths the same value, which would hide a fold that swaps or shares them."""
+    with torch.no_grad():
+        for i, site in enumerate(model.norm_sites().values()):
+            site.sigma.mul_(1.0 + 0.37 * (i % 3) + 0.05 * i)
+
+
 @pytest.mark.parametrize("n_layer,n_head,n_embd", [(1, 2, 16), (3, 6, 90)])
 def test_fold_gives_a_norm_free_model_with_equal_logits(tmp_path, n_layer, n_head, n_embd):
     make_hf_gpt2(n_layer=n_layer, n_head=n_head, n_embd=n_embd).save_pretrained(tmp_path)
     model = load_model(tmp_path).eval()
     calibrate(model, [random_tokens(seed=5)])
+    _distinct_sigmas(model)
     _freeze_all(model)
     folded = model.fold().eval()
     assert not folded.has_normalization

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import make_hf_gpt2
 from lnfree.config import TrainConfig
-from lnfree.train import TrainingDiverged, _guard, aux_std_loss, lr_at, next_token_loss
+from lnfree.train import TrainingDiverged, _guard, aux_std_loss, next_token_loss
 
 CTX = 32
 RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2", "--ctx", str(CTX),
@@ -43,10 +44,33 @@ def tiny_setup(tmp_path_factory):
     return {"corpus": corpus, "model": model_dir, "cache": root / "cache", "root": root}
 
 
-def _remove(setup, out, *extra, check=True):
-    cmd = [sys.executable, "-m", "lnfree.cli", "remove", str(setup["model"]), "--data", str(setup["corpus"]),
-           "--out", str(out), "--cache-dir", str(setup["cache"]), *RUN_ARGS, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+# A preset whose 12 steps keep sites live, freezes pending and specials weighted past the kill point (step 7;
+# the resume starts from the checkpoint at 6), with every kind of state a resume must restore: per-call EMA with
+# shared ln_1 σ̂, position-0 and EOT specials eased out, dropout, the auxiliary loss.
+_LIVE_PRESET = """
+import sys
+from lnfree import recipes
+from lnfree.config import Recipe, TrainConfig
+from lnfree.method.schedule import SITE_KINDS, RemovalSpec
+from lnfree.method.sigma import SigmaRule
+spec = RemovalSpec(start=3, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 1}, eot_after=1, bos_after=1, tail=1,
+                   eot_kinds=SITE_KINDS, bos_kinds=SITE_KINDS, eot_ramp=1, bos_ramp=2)
+rule = SigmaRule(ema="call", momentum=0.5, v_reads=2, tracking="norm")
+recipes.PRESETS["live"] = lambda n: Recipe("live", spec, TrainConfig(steps=12, dropout=0.1, aux_weight=0.1), rule)
+from lnfree.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _remove_cmd(setup, out, *extra, preset="baroni2025"):
+    head = [sys.executable, "-c", _LIVE_PRESET] if preset == "live" else [sys.executable, "-m", "lnfree.cli"]
+    return [*head, "remove", str(setup["model"]), "--data", str(setup["corpus"]), "--out", str(out),
+            "--cache-dir", str(setup["cache"]), "--preset", preset, *RUN_ARGS, *extra]
+
+
+def _remove(setup, out, *extra, check=True, preset="baroni2025"):
+    return subprocess.run(_remove_cmd(setup, out, *extra, preset=preset), capture_output=True, text=True,
+                          check=check)
 
 
 def _losses(run_dir):
@@ -75,14 +99,19 @@ def test_lnfree_and_control_share_the_data_order(tiny_setup, tmp_path):
     # the LN-free plot is redrawn when its control finishes, so it shows both curves
     assert (lnfree / "loss.png").stat().st_mtime >= (control / "metrics.jsonl").stat().st_mtime
     assert (lnfree / "final" / "tokenizer.json").exists()
+    # the control is the same run without removal and without the auxiliary loss, which belongs to the removal
+    aux = lambda d: json.loads((d / "run.json").read_text())["train"]["aux_weight"]
+    assert aux(lnfree) == 0.1 and aux(control) == 0.0
 
 
-def test_sigkill_then_resume_repeats_the_losses_exactly(tiny_setup, tmp_path):
+def test_sigkill_while_sites_are_live_then_resume_repeats_the_run_exactly(tiny_setup, tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _remove(tiny_setup, ref)
-    cmd = [sys.executable, "-m", "lnfree.cli", "remove", str(tiny_setup["model"]), "--data",
-           str(tiny_setup["corpus"]), "--out", str(killed), "--cache-dir", str(tiny_setup["cache"]), *RUN_ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _remove(tiny_setup, ref, preset="live")
+    schedule = json.loads((ref / "run.json").read_text())["schedule"]
+    assert min(schedule["freeze_at"].values()) < 6 < max(schedule["freeze_at"].values())  # live at the resume
+    assert min(schedule["bos_off"].values()) > 6
+    proc = subprocess.Popen(_remove_cmd(tiny_setup, killed, preset="live"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -92,8 +121,26 @@ def test_sigkill_then_resume_repeats_the_losses_exactly(tiny_setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(metrics.read_text().splitlines()) < 12, "the run finished before it could be killed"
-    _remove(tiny_setup, killed, "--resume")
+    _remove(tiny_setup, killed, "--resume", preset="live")
     assert _losses(killed) == _losses(ref)  # bitwise, per step
+    a, b = load_file(ref / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same final model, bitwise
+
+
+def test_final_model_is_the_fold_of_the_last_checkpoint(tiny_setup, tmp_path):
+    from lnfree.checkpoint import latest_checkpoint, load_checkpoint
+    from lnfree.models import load_model
+
+    _remove(tiny_setup, tmp_path / "run", preset="live")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step_00000012"
+    trained, _ = load_checkpoint(ckpt)
+    final = load_model(tmp_path / "run" / "final").eval()
+    assert not final.has_normalization
+    idx = torch.randint(0, 300, (2, CTX), generator=torch.Generator().manual_seed(0))
+    idx[:, 5] = final.config.eos_token_id
+    with torch.no_grad():
+        assert (trained.eval()(idx) - final(idx)).abs().max().item() <= 1e-5
 
 
 def test_resume_without_checkpoint_is_a_one_line_error(tiny_setup, tmp_path):
@@ -135,13 +182,6 @@ def test_aux_loss_and_gradient_match_direct_computation():
     assert torch.allclose(std.grad, expected_grad, atol=1e-7)
 
 
-def test_lr_warmup_and_cosine_floor():
-    cfg = TrainConfig(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
-
-
 def test_spike_guard():
     cfg = TrainConfig(spike_factor=10.0)
     _guard(3.0, [3.0] * 20, cfg, 5, None)
@@ -171,3 +211,83 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, h
         ck.save_checkpoint(tmp_path, model, opt, ck.RunState(**{**state.__dict__, "step": 6}))
     assert ck.latest_checkpoint(tmp_path) == first
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # no temp folder left
+
+
+# ---- command-line errors: one line, exit 2, nothing lost -------------------------------------------------------
+def _one_line_error(out, *needles):
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("lnfree: error:"), out.stderr  # no bars, no traceback
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+
+
+def test_remove_refuses_bad_models_and_data(tiny_setup, tmp_path):
+    from lnfree.method.calibrate import apply_site_states
+    from lnfree.method.schedule import SiteState
+    from lnfree.models import load_model, save_model
+    from lnfree.tokenizer import load_tokenizer
+
+    model = load_model(tiny_setup["model"])
+    apply_site_states(model, {n: SiteState(True, 0.0, 0.0) for n in model.norm_sites()})
+    save_model(model.fold(), tmp_path / "folded", tokenizer_from=tiny_setup["model"])
+    folded = dict(tiny_setup, model=tmp_path / "folded")
+    _one_line_error(_remove(folded, tmp_path / "a", check=False), "has no live LayerNorm")
+    _one_line_error(_remove(tiny_setup, tmp_path / "b", "--ctx", "64", check=False),
+                    "--ctx 64 exceeds the model's context of 32")
+    tok = load_tokenizer(tiny_setup["model"])
+    small = make_hf_gpt2(n_layer=1, n_head=2, n_embd=32, vocab=len(tok) - 10, n_positions=CTX)
+    small.save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    _one_line_error(_remove(dict(tiny_setup, model=tmp_path / "small"), tmp_path / "c", check=False),
+                    f"tokenizer has {len(tok)} tokens but the model's vocabulary is {len(tok) - 10}")
+    (tmp_path / "tiny_corpus").mkdir()
+    (tmp_path / "tiny_corpus" / "a.txt").write_text("x = 1\n")
+    _one_line_error(_remove(dict(tiny_setup, corpus=tmp_path / "tiny_corpus"), tmp_path / "d", check=False),
+                    "has only 0 sequences of 32 tokens")
+    assert not any((tmp_path / d / "checkpoints").exists() for d in "abcd")
+
+
+def test_divergence_stops_with_exit_2_and_the_last_checkpoint_intact(tiny_setup, tmp_path):
+    from lnfree.checkpoint import latest_checkpoint, load_checkpoint
+
+    out = _remove(tiny_setup, tmp_path / "run", "--lr", "inf", "--checkpoint-every", "1", check=False)
+    _one_line_error(out, "not finite", "last good checkpoint:")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert f"last good checkpoint: {ckpt})" in out.stderr
+    _, state = load_checkpoint(ckpt)  # complete and loadable; the diverged step wrote nothing after it
+    assert len(_losses(tmp_path / "run")) == state.step and f"step {state.step}: loss nan" in out.stderr
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def test_pretrain_and_demo_errors_are_one_line(tiny_setup, tmp_path):
+    pretrain = lambda *a: subprocess.run([sys.executable, "-m", "lnfree.cli", "pretrain", *a, "--quiet"],
+                                         capture_output=True, text=True)
+    (tmp_path / "tiny_corpus").mkdir()
+    (tmp_path / "tiny_corpus" / "a.txt").write_text("x = 1\n")
+    _one_line_error(pretrain("--tokenizer", str(tiny_setup["model"]), "--data", str(tmp_path / "tiny_corpus"),
+                             "--out", str(tmp_path / "p"), "--ctx", "32", "--cache-dir", str(tiny_setup["cache"])),
+                    "has only 0 sequences")
+    _one_line_error(pretrain("--tokenizer", str(tmp_path / "missing"), "--data", str(tiny_setup["corpus"]),
+                             "--out", str(tmp_path / "q")), "missing")
+    demo = subprocess.run([sys.executable, "-m", "lnfree.cli", "demo", "--quick", "--hard", "--out",
+                           str(tmp_path / "demo")], capture_output=True, text=True)
+    _one_line_error(demo, "--quick and --hard are exclusive")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_weight_decay_groups_follow_each_code(hf_gpt2_dir):
+    """nanoGPT decays tensors with dim >= 2; transformers' Trainer decays every parameter outside nn.LayerNorm
+    modules except biases — and the 2025 code's FakeLayerNorm is no nn.LayerNorm, so its gains are decayed."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    from lnfree.models import load_model
+    from lnfree.train import make_optimizer
+
+    model = load_model(hf_gpt2_dir)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = lambda opt: {names[id(p)] for p in opt.param_groups[0]["params"]}
+    nanogpt = make_optimizer(model, TrainConfig(decay_norm_weights=False), torch.device("cpu"))
+    assert decayed(nanogpt) == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    trainer = make_optimizer(model, TrainConfig(decay_norm_weights=True), torch.device("cpu"))
+    expected = {n for n in get_parameter_names(model, [torch.nn.LayerNorm]) if "bias" not in n}
+    assert decayed(trainer) == expected and any(".ln_" in n for n in expected)

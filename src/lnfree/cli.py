@@ -18,13 +18,14 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_schedule(args: argparse.Namespace) -> int:
-    from .recipes import get_recipe, recipe_schedule
+    from .recipes import describe_training, get_recipe, recipe_schedule
 
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
     recipe = get_recipe(args.preset, args.layers)
     schedule = recipe_schedule(recipe, args.layers, args.steps)
     print(f"# preset {recipe.name} ({recipe.source}) on {args.layers} layers, {schedule.total_steps} steps")
+    print(f"# {describe_training(recipe.train, recipe.sigma)}")
     print(schedule.format_timeline())
     return 0
 
@@ -38,7 +39,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, help="tokens per sequence")
     p.add_argument("--lr", type=float)
     p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup", type=int, dest="warmup_steps")
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warmup steps (from lr 0)")
+    p.add_argument("--decay-steps", type=int, help="step at which the cosine reaches --min-lr (default: --steps)")
+    p.add_argument("--dropout", type=float, help="dropout in training forwards (GPT-2's placement)")
     p.add_argument("--seed", type=int)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
@@ -48,8 +51,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-_OVERRIDES = ("steps", "batch_tokens", "micro_batch", "ctx", "lr", "min_lr", "warmup_steps", "seed", "compile",
-              "activation_checkpointing", "checkpoint_every", "aux_weight", "ema_momentum")
+_OVERRIDES = ("steps", "batch_tokens", "micro_batch", "ctx", "lr", "min_lr", "warmup_steps", "decay_steps", "dropout",
+              "seed", "compile", "activation_checkpointing", "checkpoint_every", "aux_weight", "ema_momentum")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -69,14 +72,16 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
 
 def _run_remove(args: argparse.Namespace) -> int:
     from .models.io import resolve_model_dir
+    from .recipes import describe_training
     from .runs import removal_plan, run_removal
 
     model_dir = resolve_model_dir(args.model)
     n_layer = json.loads((model_dir / "config.json").read_text()).get("n_layer", 0)
-    _, schedule, name = removal_plan(n_layer, args.preset, _overrides(args))
+    plan = removal_plan(n_layer, args.preset, _overrides(args))
     if not args.control:
-        print(f"# preset {name} on {n_layer} layers, {schedule.total_steps} steps")
-        print(schedule.format_timeline())
+        print(f"# preset {plan.preset} on {n_layer} layers, {plan.schedule.total_steps} steps")
+        print(f"# {describe_training(plan.train, plan.sigma)}")
+        print(plan.schedule.format_timeline())
     result = run_removal(args.model, args.data, args.out, preset=args.preset, overrides=_overrides(args),
                          control=args.control, resume=args.resume, cache_root=args.cache_dir,
                          progress=not args.quiet)
@@ -103,7 +108,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     tok = load_tokenizer(args.tokenizer)
     defaults = TrainConfig(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256, lr=3e-3, min_lr=3e-4,
-                           warmup_steps=50, weight_decay=0.1, ema_momentum=1.0)
+                           warmup_steps=50, weight_decay=0.1)
     cfg = replace(defaults, **_overrides(args))
     model_cfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.ctx, n_embd=args.d_model, n_layer=args.layers,
                            n_head=args.heads, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
@@ -197,7 +202,7 @@ def _run_export(args: argparse.Namespace) -> int:
     parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
     fp32 = ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
     print(f"wrote {result.path} ({result.format}); reload parity, max-abs logits: {parity} in float64 "
-          f"(gate ≤ {PARITY_TOL:.0e}); {fp32} in float32")
+          f"(gate ≤ {PARITY_TOL[result.format]:.0e}); {fp32} in float32")
     if args.push_to_hub:
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .method.schedule import RemovalSpec
+from .method.sigma import SigmaRule
 
 
 @dataclass
@@ -23,13 +24,19 @@ class TrainConfig:
     min_lr: float = 3e-4
     """Cosine decay ends here. Baroni et al. 2025 found a high floor stops loss creeping up after removal."""
     warmup_steps: int = 20
+    """Linear warmup from 0: step s < warmup runs at lr · s / warmup (nanoGPT and transformers alike)."""
+    decay_steps: int | None = None
+    """The step at which the cosine reaches min_lr (nanoGPT's lr_decay_iters); None: `steps`. A run may stop
+    before it: Heimersheim 2024 decays over 2000 steps and stops near 1200."""
     weight_decay: float = 0.01
+    decay_norm_weights: bool = False
+    """Weight decay on LayerNorm gains too (biases never). Matrices and embeddings are always decayed."""
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
+    dropout: float = 0.0
+    """Dropout in training forwards, where the family puts it (GPT-2: embeddings, attention, residual writes)."""
     aux_weight: float = 0.0
     """Baroni's auxiliary loss: weight × mean over tokens of (σ_t − σ̄)² at the ln_final input."""
-    ema_momentum: float = 0.9
-    """σ̂ ← m·σ̂ + (1−m)·mean std, once per optimizer step while a site is live; 1.0 keeps the calibration."""
     calibration_batches: int = 4
     seed: int = 0
     control: bool = False
@@ -70,6 +77,7 @@ class Recipe:
     name: str
     removal: RemovalSpec
     train: TrainConfig = field(default_factory=TrainConfig)
+    sigma: SigmaRule = field(default_factory=SigmaRule)
     total_steps: int | None = None
     """Fixed run length for the depth the preset was written for (None: removal events + spec.tail)."""
     source: str = ""

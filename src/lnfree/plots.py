@@ -60,8 +60,8 @@ def plot_loss(run_dir: Path, out: Path | None = None) -> Path | None:
                    label=f"freeze {kind}" if kind not in seen else None)
         seen.add(kind)
     for key, label, style in (("eot_off", "EOT special σ̂ removed", ":"), ("bos_off", "BOS special σ̂ removed", "--")):
-        if schedule.get(key) is not None and schedule.get("freeze_at"):
-            ax.axvline(schedule[key], color="k", ls=style, lw=0.9, label=label)
+        for i, step in enumerate(sorted(set(schedule.get(key, {}).values()))):
+            ax.axvline(step, color="k", ls=style, lw=0.9, label=None if i else label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"train CE (nats), mean of {k} step(s)")
     ax.set_title(f"{run_dir.name}: loss with removal events")

@@ -1,77 +1,170 @@
-"""Named removal presets, with the settings their papers published (see ../shared/docs/papers.md).
+"""Named removal presets. A preset named after a paper reproduces that paper's code field by field — removal
+schedule, optimizer, lr schedule, batch, dropout, auxiliary loss, σ̂ rule, specials — and its docstring names the
+file, function and commit it transcribes and every place where we knowingly deviate. `lnfree` is our own
+recipe; see its docstring for the evidence it was chosen on.
 
 Each preset is a function of model depth: the removal shape (order, gaps) is per layer, so a preset lays out
 over any number of blocks. `baroni2025` picks the paper's per-size variant by depth (12/24/36/48 layers).
+Deviations shared by every paper preset (bug fixes of both codes, kept for all our runs):
+  * EOT tokens count as targets: the 2025 code's collator masked every EOT target out of the loss (its pad
+    token was the EOT token); the papers' evaluation scores EOT targets, so training does too.
+  * σ̂ moves on training forwards only: the 2025 code also moved its EMA during the Trainer's evaluations.
+  * Master weights stay fp32 under bf16 autocast on CUDA, as both codes ran when their papers' models were
+    trained (the 2025 repository loads bf16 weights since commit 9b4fd50, 2025-05-22, after its final schedules).
+  * The vanilla control (`--control`) trains without the auxiliary loss, which belongs to the removal; the 2025
+    code's control kept it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .config import Recipe, TrainConfig
 from .method.schedule import RemovalSpec, Schedule, build_schedule
+from .method.sigma import SigmaRule
 
 _HEIMERSHEIM = "Heimersheim 2024, arXiv 2409.13710"
 _BARONI = "Baroni et al. 2025, arXiv 2507.02559"
+CTX = 1024
+_SEQUENCES_PER_STEP = 2**19 // CTX  # both codes: gradient accumulation = int(512 // micro-batch)
+
+
+def _reference_batch(micro_batch: int) -> int:
+    """Tokens per step of the papers' codes: int(2^19 / 1024 // micro) micro-batches of `micro` sequences."""
+    return (_SEQUENCES_PER_STEP // micro_batch) * micro_batch * CTX
 
 
 def heimersheim2024(n_layer: int) -> Recipe:
-    # ln2 from step 200, 20 steps per layer; ln1 Q/K every 20; ln1 V every 30; ln_f; EOT special +20;
-    # BOS special +100; ~1200 steps of 2^19 tokens on GPT-2 small. σ̂ measured once, never re-estimated.
+    """Heimersheim 2024: github.com/ApolloResearch/gpt2_noLN at commit 1f6c25e — `config/finetune_openwebtext.py`
+    over `train.py`'s defaults, the LNRemover schedule in `train.py`, `FakeLayerNorm` in `model.py`.
+
+    Transcribed: micro-batch 48 × int(512 // 48) = 10 accumulation steps (491,520 tokens per step), context 1024;
+    AdamW betas (0.9, 0.95), weight decay 0.1 on matrices and embeddings (nanoGPT's `configure_optimizers`),
+    grad clip 1.0, dropout 0; lr 6e-4, warmup 100 from 0, cosine to 6e-5 over `lr_decay_iters` 2000 (nanoGPT's
+    `get_lr`); ln_2 from step 200 every 20 steps, ln_1 Q/K every 20, ln_1 V every 30, ln_f 30 steps after the
+    last V, all EOT specials removed at once 20 steps later; no auxiliary loss; σ̂ fixed (no EMA), measured as
+    in the code's `std_dicts` — the pooled std of positions ≥ 1 (`rms_std`) — and the EOT special sits on the
+    ln_1 V path only, with position 0's σ̂ as its value (`bos_std`); positions ≥ 1, EOT included, make the
+    common σ̂.
+    Deviations: (1) the code's position-0 special indexed hidden channel 0 (`average_std[0] = std_bos`) at every
+    FakeLayerNorm, and only ln_1's was ever reset; we drop that indexing, so position 0 divides by the common
+    σ̂ in every channel — what the code did to position 0 in all channels but channel 0 — and there is no
+    position-0 special or event. (2) σ̂ is measured by `calibrate` on this run's training data
+    (`calibration_batches` micro-batches) instead of one sequence measured beforehand. (3) The code runs to
+    `max_iters` 3000 and was stopped by hand (model card: ~1000 iterations, ~500M tokens); its last event, the
+    channel-0 reset of ln_1, is at step 1160; we stop at 1200 on GPT-2 small. (4) Each 1024-token
+    sequence gives 1023 next-token targets (nanoGPT's windows give 1024).
+    """
+    # The run ends 140 steps after the EOT specials go: the code's (channel-0) BOS reset 100 later, then 40.
     spec = RemovalSpec(start=200, gaps={"ln2": 20, "ln1qk": 20, "ln1v": 30, "ln_final": 30},
-                       eot_after=20, bos_after=100, tail=40)
-    train = TrainConfig(steps=1200, lr=6e-4, min_lr=6e-5, warmup_steps=100, weight_decay=0.1, aux_weight=0.0,
-                        ema_momentum=1.0)
-    return Recipe("heimersheim2024", spec, train, source=_HEIMERSHEIM)
+                       eot_after=20, bos_after=0, tail=140, eot_kinds=("ln1v",))
+    train = TrainConfig(steps=1200, batch_tokens=_reference_batch(48), micro_batch=48, ctx=CTX, lr=6e-4,
+                        min_lr=6e-5, warmup_steps=100, decay_steps=2000, weight_decay=0.1, betas=(0.9, 0.95),
+                        grad_clip=1.0, dropout=0.0, aux_weight=0.0)
+    sigma = SigmaRule(statistic="rms_std", positions="after_bos", ema="none", eot_sigma="bos")
+    return Recipe("heimersheim2024", spec, train, sigma, source=_HEIMERSHEIM)
 
 
-def _baroni(name: str, n_layer: int, steps: int, gaps: tuple[int, int, int], lr: float, aux: float) -> Recipe:
-    # ln2 from step 20, then ln1 Q/K, ln1 V, ln_f at the given gaps; EOT special +2; BOS special +10
-    # (the layout of the paper's code, github.com/submarat/removing-layer-norm config.py).
-    g2, gqk, gv = gaps
-    spec = RemovalSpec(start=20, gaps={"ln2": g2, "ln1qk": gqk, "ln1v": gv, "ln_final": gv},
-                       eot_after=2, bos_after=10, tail=0)
-    # The tail (fine-tuning after the last event) keeps the published length at the published depth.
-    last_event = build_schedule(spec, n_layer, total_steps=10**9).bos_off
-    spec = replace(spec, tail=steps - last_event)
-    train = TrainConfig(steps=steps, lr=lr, min_lr=lr / 2, warmup_steps=20, weight_decay=0.01, aux_weight=aux,
-                        ema_momentum=0.9, grad_clip=1.0)
-    return Recipe(name, spec, train, total_steps=steps, source=_BARONI)
+@dataclass(frozen=True)
+class BaroniConfig:
+    """The fields of one GPT-2 config function of github.com/submarat/removing-layer-norm `config.py`."""
+
+    function: str
+    n_layer: int
+    max_steps: int  # the Trainer's max_steps: the cosine's horizon
+    published_steps: int  # the checkpoint released and reported (schaeff/gpt2-*_LNFree<steps>)
+    base_batch_size: int  # sequences per micro-batch
+    warmup_steps: int
+    learning_rate: float
+    min_lr: float
+    start_ln2: int
+    gaps: tuple[int, int, int]  # gap_ln2, gap_ln1qk, gap_ln1v
+    momentum: float  # per FakeLayerNorm call
+    aux_loss_weight: float
 
 
-BARONI_SIZES = {  # n_layer -> (name, n_layer, steps, gaps ln2/ln1qk/ln1v, lr, aux weight)
-    12: ("baroni2025-small", 12, 300, (2, 2, 3), 6e-4, 0.1),
-    24: ("baroni2025-medium", 24, 500, (2, 2, 3), 6e-4, 0.1),
-    36: ("baroni2025-large", 36, 600, (4, 4, 6), 3e-4, 0.03),
-    48: ("baroni2025-xl", 48, 800, (2, 2, 3), 6e-4, 0.01),
+BARONI_CONFIGS: dict[str, BaroniConfig] = {
+    "baroni2025-small": BaroniConfig("make_gpt2_standard_aux", 12, 300, 300, 32, 25, 6e-4, 3e-4, 20, (2, 2, 3),
+                                     0.9, 0.1),
+    "baroni2025-small-noaux": BaroniConfig("make_gpt2_standard", 12, 300, 300, 40, 20, 6e-4, 3e-4, 20,
+                                           (2, 2, 3), 0.9, 0.0),
+    "baroni2025-medium": BaroniConfig("make_gpt2_medium_fasttune_aux", 24, 500, 500, 22, 10, 6e-4, 3e-4, 20,
+                                      (2, 2, 3), 0.9, 0.1),
+    "baroni2025-medium-noaux": BaroniConfig("make_gpt2_medium_fasttune", 24, 500, 500, 22, 10, 6e-4, 3e-4, 20,
+                                            (2, 2, 3), 0.9, 0.0),
+    "baroni2025-large": BaroniConfig("make_gpt2_large_aux", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, (4, 4, 6),
+                                     0.9 ** (28 / 32), 0.03),
+    "baroni2025-large-noaux": BaroniConfig("make_gpt2_large", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, (4, 4, 6),
+                                           0.9 ** (28 / 32), 0.0),
+    "baroni2025-xl": BaroniConfig("make_gpt2_xl_aux", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 50, (4, 4, 6),
+                                  0.9 ** (18 / 32), 0.01),
+    "baroni2025-xl-noaux": BaroniConfig("make_gpt2_xl", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 20, (2, 2, 3),
+                                        0.9 ** (18 / 32), 0.0),
 }
 
 
-def _baroni_variant(depth: int) -> Callable[[int], Recipe]:
-    """A per-size variant: its published length at its own depth, its tail length at any other."""
-    def preset(n_layer: int) -> Recipe:
-        recipe = _baroni(*BARONI_SIZES[depth])
-        return recipe if n_layer == depth else replace(recipe, total_steps=None)
-    return preset
+def baroni_recipe(name: str, n_layer: int) -> Recipe:
+    """Baroni et al. 2025: one config function of github.com/submarat/removing-layer-norm `config.py` at commit
+    583a9e6 (identical for GPT-2 to 3d7f1c5 of 2025-05-20, before the paper), run by its `train.py` with
+    EXP_RECOMPUTE_STD_ON_REAL=1 and no other flag (the repository's runner scripts of May 2025).
+
+    Transcribed (see `BARONI_CONFIGS` for the per-size values): micro-batch `base_batch_size` × int(512 //
+    base_batch_size) accumulation steps of 1024 tokens; transformers' Trainer defaults — AdamW betas (0.9,
+    0.999), weight decay 0.01 on every weight but biases (FakeLayerNorm is no nn.LayerNorm, so its gains are
+    decayed too), grad clip 1.0, GPT-2's dropout 0.1 — and `cosine_with_min_lr` with warmup from 0 over
+    `max_steps`; ln_2 from `start_ln2` every gap_ln2, ln_1 Q/K and V each n_layer × gap after the previous
+    phase began, ln_f n_layer × gap_ln1v after the V phase began; the auxiliary std loss at `aux_loss_weight`;
+    σ̂ follows an EMA at every FakeLayerNorm call (momentum per call; ln_1 is called three times per forward:
+    Q/K, V, V at EOT positions; its paths share one σ̂, which keeps moving until V freezes) of the mean
+    per-token std over every position, and freezes with the last path; no position-0 or EOT special
+    (`bos_special_treatment` is never switched on, so the EOT branch divides by the common σ̂).
+    The run stops at the published checkpoint: 600 (large) and 800 (XL) of the configs' 1200 `max_steps`,
+    the cosine still decaying over 1200.
+    Deviations: (1) with a micro-batch other than `base_batch_size`, the per-call momentum is rescaled so that σ̂
+    keeps the same fraction per optimizer step; (2) σ̂ starts from `calibrate` on this run's data instead of the
+    repository's precomputed `std_dicts` (the EMA replaces either within the first steps); (3) a frozen Q/K
+    path sees σ̂ including the current micro-batch (the code: up to the previous one), which keeps activation-
+    checkpoint recomputes exact; (4) the shared deviations in this module's docstring.
+    """
+    c = BARONI_CONFIGS[name]
+    g2, gqk, gv = c.gaps
+    spec = RemovalSpec(start=c.start_ln2, gaps={"ln2": g2, "ln1qk": gqk, "ln1v": gv, "ln_final": gv},
+                       eot_after=0, bos_after=0, tail=0)
+    # The tail (fine-tuning after the last event) keeps the published length at the published depth.
+    spec = replace(spec, tail=c.published_steps - build_schedule(spec, c.n_layer, 10**9).last_event)
+    train = TrainConfig(steps=c.published_steps, batch_tokens=_reference_batch(c.base_batch_size),
+                        micro_batch=c.base_batch_size, ctx=CTX, lr=c.learning_rate, min_lr=c.min_lr,
+                        warmup_steps=c.warmup_steps, decay_steps=c.max_steps, weight_decay=0.01,
+                        decay_norm_weights=True, betas=(0.9, 0.999), grad_clip=1.0, dropout=0.1,
+                        aux_weight=c.aux_loss_weight)
+    sigma = SigmaRule(statistic="mean_std", positions="pooled", ema="call", momentum=c.momentum,
+                      reference_calls=_SEQUENCES_PER_STEP // c.base_batch_size, v_reads=2, tracking="norm")
+    recipe = Recipe(name, spec, train, sigma, total_steps=c.published_steps, source=f"{_BARONI}, {c.function}")
+    return recipe if n_layer == c.n_layer else replace(recipe, total_steps=None)
+
+
+BARONI_BY_DEPTH = {12: "baroni2025-small", 24: "baroni2025-medium", 36: "baroni2025-large", 48: "baroni2025-xl"}
 
 
 def baroni2025(n_layer: int) -> Recipe:
-    """The per-size variant for GPT-2's depths; other depths take the small shape and its tail."""
-    return _baroni_variant(n_layer if n_layer in BARONI_SIZES else 12)(n_layer)
+    """The paper's per-size variant (with the auxiliary loss) for GPT-2's depths; other depths take the small
+    shape at its tail length."""
+    return baroni_recipe(BARONI_BY_DEPTH.get(n_layer, "baroni2025-small"), n_layer)
 
 
 def all_at_once(n_layer: int) -> Recipe:
-    """Every site frozen at step 0 (after calibration), no specials; Baroni's training settings."""
-    spec = RemovalSpec(start=0, gaps={}, eot_after=0, bos_after=0, tail=300)
-    train = TrainConfig(steps=300, lr=6e-4, min_lr=3e-4, warmup_steps=20, aux_weight=0.1, ema_momentum=0.9)
-    return Recipe("all-at-once", spec, train, source="baseline: no gradual schedule")
+    """Baseline of ours: every site frozen at step 0 (after calibration), no specials; otherwise
+    baroni2025-small's training settings and σ̂ rule."""
+    base = baroni_recipe("baroni2025-small", 12)
+    spec = RemovalSpec(start=0, gaps={}, eot_after=0, bos_after=0, tail=base.train.steps)
+    return replace(base, name="all-at-once", removal=spec, total_steps=None, source="baseline: no gradual schedule")
 
 
 PRESETS: dict[str, Callable[[int], Recipe]] = {
     "heimersheim2024": heimersheim2024,
     "baroni2025": baroni2025,
-    **{args[0]: _baroni_variant(depth) for depth, args in BARONI_SIZES.items()},
+    **{name: (lambda n_layer, name=name: baroni_recipe(name, n_layer)) for name in BARONI_CONFIGS},
     "all-at-once": all_at_once,
 }
 
@@ -86,3 +179,12 @@ def recipe_schedule(recipe: Recipe, n_layer: int, steps: int | None = None) -> S
     """The recipe's schedule on n_layer blocks, rescaled to `steps` when the run is longer or shorter."""
     schedule = build_schedule(recipe.removal, n_layer, recipe.total_steps)
     return schedule.rescaled(steps) if steps and steps != schedule.total_steps else schedule
+
+
+def describe_training(t: TrainConfig, s: SigmaRule) -> str:
+    """One line of the settings a timeline does not show (for `lnfree schedule` and `lnfree remove`)."""
+    ema = "σ̂ fixed" if not s.collects else f"σ̂ EMA per {s.ema} (momentum {s.momentum:.4g})"
+    decay = f"cosine to {t.min_lr:g} at step {t.decay_steps or t.steps}"
+    return (f"lr {t.lr:g}, warmup {t.warmup_steps}, {decay}; {t.batch_tokens:,} tokens/step "
+            f"({t.micro_batch} × {t.batch_tokens // (t.micro_batch * t.ctx)} × {t.ctx}); AdamW {t.betas}, "
+            f"wd {t.weight_decay:g}; dropout {t.dropout:g}; aux {t.aux_weight:g}; {ema}, {s.positions} positions")

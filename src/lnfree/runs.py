@@ -7,12 +7,13 @@ final/ — a `transformers` checkpoint (LN-free runs: folded, no normalization) 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import TrainConfig
 from .data import SequenceSampler, build_token_cache
 from .method.schedule import Schedule, control_schedule
+from .method.sigma import SigmaRule
 from .models import load_model, save_model
 from .models.base import LNModel
 from .models.io import resolve_model_dir
@@ -25,13 +26,34 @@ from .train import RunResult, train
 _CALIBRATION_SEED_OFFSET = 1_000_003
 
 
-def removal_plan(n_layer: int, preset: str, overrides: dict) -> tuple[TrainConfig, Schedule, str]:
-    """The preset's training settings with CLI overrides, and its schedule rescaled to the run's steps."""
+@dataclass(frozen=True)
+class RemovalPlan:
+    """What a removal run will do: training settings, σ̂ rule and schedule, after the command line's overrides."""
+
+    train: TrainConfig
+    sigma: SigmaRule
+    schedule: Schedule
+    preset: str
+
+
+def removal_plan(n_layer: int, preset: str, overrides: dict) -> RemovalPlan:
+    """The preset on n_layer blocks with command-line overrides. A run of another length than the preset's
+    (`steps`, or another depth) stretches the schedule, the warmup and the lr decay horizon alike, unless the
+    warmup or horizon is given explicitly."""
     recipe = get_recipe(preset, n_layer)
-    cfg = replace(recipe.train, **{k: v for k, v in overrides.items() if v is not None})
-    schedule = recipe_schedule(recipe, n_layer, cfg.steps)
-    cfg = replace(cfg, steps=schedule.total_steps)
-    return cfg, schedule, recipe.name
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("steps", 1) < 1:
+        raise ValueError(f"--steps must be at least 1, got {overrides['steps']}")
+    schedule = recipe_schedule(recipe, n_layer, overrides.get("steps"))
+    cfg = recipe.train
+    stretch = schedule.total_steps / cfg.steps
+    if stretch != 1:
+        cfg = replace(cfg, warmup_steps=round(cfg.warmup_steps * stretch),
+                      decay_steps=None if cfg.decay_steps is None else round(cfg.decay_steps * stretch))
+    sigma_fields = {"ema_momentum": "momentum"}
+    sigma = replace(recipe.sigma, **{sigma_fields[k]: v for k, v in overrides.items() if k in sigma_fields})
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if k not in sigma_fields})
+    return RemovalPlan(replace(cfg, steps=schedule.total_steps), sigma, schedule, recipe.name)
 
 
 def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
@@ -40,8 +62,8 @@ def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
                          f"{model.config.vocab_size}; use the model's own tokenizer")
 
 
-def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None):
-    cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root)
+def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool):
+    cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root, progress=progress)
     if cache.n_sequences(cfg.ctx) < cfg.micro_batch:
         raise ValueError(f"data source {data!r} has only {cache.n_sequences(cfg.ctx)} sequences of {cfg.ctx} "
                          f"tokens; give more text or a smaller --ctx")
@@ -59,22 +81,26 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
-    cfg, schedule, recipe_name = removal_plan(model.config.n_layer, preset, overrides or {})
+    plan = removal_plan(model.config.n_layer, preset, overrides or {})
+    cfg, sigma, schedule = plan.train, plan.sigma, plan.schedule
     if resume and (out_dir / "run.json").exists():  # continue exactly what was started
         saved = json.loads((out_dir / "run.json").read_text())
         cfg, schedule = TrainConfig.from_dict(saved["train"]), Schedule.from_dict(saved["schedule"])
-    if control:
-        schedule = control_schedule(schedule.total_steps)
+        sigma = SigmaRule.from_dict(saved["sigma"]) if "sigma" in saved else sigma
+    elif control:
+        # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
+        # which belongs to the removal (the 2025 code trained its control with it).
+        schedule, cfg = control_schedule(schedule.total_steps), replace(cfg, aux_weight=0.0)
     if cfg.ctx > model.config.n_positions:
         raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.config.n_positions} tokens")
-    cache = _token_stream(data, tokenizer, cfg, cache_root)
+    cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
     sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed)
     calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET)
     calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
-    extra = {"model": str(model_source), "data": data, "preset": recipe_name,
+    extra = {"model": str(model_source), "data": data, "preset": plan.preset,
              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest}
-    result = train(model, sampler, cfg, schedule, out_dir, calibration_batches=calibration, resume=resume,
-                   mode="control" if control else "lnfree", extra=extra, progress=progress)
+    result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
+                   resume=resume, mode="control" if control else "lnfree", extra=extra, progress=progress)
     final = result.model.fold() if not control else result.model
     save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
     plot_with_siblings(out_dir)
@@ -87,7 +113,7 @@ def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(model, tokenizer, str(tokenizer_dir))
-    cache = _token_stream(data, tokenizer, cfg, cache_root)
+    cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
     extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
              "data_manifest": cache.manifest}
     result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),

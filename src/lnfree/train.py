@@ -29,6 +29,7 @@ from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_check
 from .config import TrainConfig
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
+from .method.sigma import SigmaRule
 from .models.base import LNModel
 from .models.io import FAMILIES
 
@@ -53,19 +54,26 @@ class RunResult:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the last step."""
+    """Linear warmup from 0, then cosine decay to cfg.min_lr at cfg.decay_steps (default: cfg.steps), flat after.
+
+    The schedule of both papers' code: nanoGPT's `get_lr` (Heimersheim 2024) and transformers'
+    `cosine_with_min_lr` with warmup (Baroni et al. 2025) — step 0 runs at lr 0.
+    """
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.lr * step / cfg.warmup_steps
+    horizon = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: LNModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only, never on biases or LN gains."""
+    """AdamW; weight decay on matrices and embeddings, on LN gains only with cfg.decay_norm_weights, never on
+    biases."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    gains = {id(layer.weight) for layer in model.norm_layers()} if cfg.decay_norm_weights else set()
+    decayed = lambda p: p.dim() >= 2 or id(p) in gains
+    groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
 
@@ -95,12 +103,14 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
-          calibration_batches: list[Tensor] | None = None, resume: bool = False, mode: str = "lnfree",
-          extra: dict | None = None, progress: bool = True) -> RunResult:
+          sigma: SigmaRule | None = None, calibration_batches: list[Tensor] | None = None, resume: bool = False,
+          mode: str = "lnfree", extra: dict | None = None, progress: bool = True) -> RunResult:
     """Run (or resume) `schedule.total_steps` optimizer steps, writing metrics.jsonl and checkpoints to run_dir.
 
-    mode: "lnfree" (the schedule removes LNs), "control" (same run, every LN kept), "pretrain" (from scratch).
+    mode: "lnfree" (the schedule removes LNs; σ̂ measured and followed by `sigma`), "control" (same run, every
+    LN kept, no statistics), "pretrain" (from scratch).
     """
+    sigma = sigma or SigmaRule()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = _device()
@@ -121,14 +131,20 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
         _truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
         (run_dir / "metrics.jsonl").write_text("")
+        torch.manual_seed(cfg.seed)  # dropout masks: an LN-free run and its control draw the same ones
         if mode == "lnfree":
             if not calibration_batches:
                 raise ValueError("an LN-removal run needs calibration batches to measure σ̂")
-            calibrate(model, [b.to(device) for b in calibration_batches])
+            calibrate(model, [b.to(device) for b in calibration_batches], sigma)
+    collect = mode == "lnfree" and sigma.collects
+    if collect:
+        model.set_sigma_rule(sigma, micro_batches_per_step=n_micro)
+    model.set_dropout(cfg.dropout)
     run_info = {"mode": mode, "train": cfg.to_dict(), "schedule": schedule.to_dict(), **(extra or {})}
+    if mode == "lnfree":
+        run_info["sigma"] = sigma.to_dict()
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     fwd = torch.compile(model) if cfg.compile else model
-    collect = mode == "lnfree" and cfg.ema_momentum < 1.0
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
     bar = tqdm(range(start, schedule.total_steps), initial=start, total=schedule.total_steps, disable=not progress,
@@ -158,8 +174,8 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
         _guard(loss_value, history, cfg, step, last_ckpt)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if collect:
-            model.ema_step(cfg.ema_momentum)
+        if collect and sigma.ema == "step":
+            model.ema_step(sigma.momentum)
         history = (history + [loss_value])[-50:]
         frozen = sum(s.is_frozen for s in model.norm_sites().values())
         dt = time.time() - t0

@@ -248,6 +248,7 @@ class HubSpec:
     carve_val_from_train: bool = False  # openwebtext only has "train"; val is carved out like nanoGPT
     expected_vocab: int | None = None  # pre-tokenized data: the vocabulary size its ids come from
     passthrough_splits: bool = False  # unknown split names (e.g. "train[:1%]") go to the hub unchanged
+    prefer_ids: bool = False  # score the stored token ids rather than re-tokenising the text, when both exist
 
 
 _OPENWEBTEXT = HubSpec("Skylion007/openwebtext", carve_val_from_train=True)
@@ -256,8 +257,10 @@ _APOLLO_PILE_GPT2 = HubSpec(
     "apollo-research/monology-pile-uncopyrighted-tokenizer-gpt2", streaming=True, expected_vocab=50257
 )
 # Baroni et al.'s evaluation set (first 10k rows): all of it is evaluation data, so only "val" reads it,
-# from a validation/test split if the hub has one, else from its "train" split.
-_PILE_FILTERED = HubSpec("lucabaroni/apollo-pile-filtered-10k", splits={"val": ("validation", "test", "train")})
+# from a validation/test split if the hub has one, else from its "train" split. Their `pile_eval.py` scores its
+# stored GPT-2 `input_ids` (concatenated as stored, then chunked), so we do too when the column is there.
+_PILE_FILTERED = HubSpec("lucabaroni/apollo-pile-filtered-10k", splits={"val": ("validation", "test", "train")},
+                         expected_vocab=50257, prefer_ids=True)
 
 HUB_ALIASES: dict[str, HubSpec] = {
     "openwebtext": _OPENWEBTEXT,
@@ -382,7 +385,7 @@ def _hub_column(dataset: Any, spec: HubSpec) -> str:
     columns = dataset.column_names
     if columns is None:  # some streaming datasets only know their columns after the first row
         columns = list(next(iter(dataset)).keys())
-    for column in ("text", "input_ids"):
+    for column in ("input_ids", "text") if spec.prefer_ids else ("text", "input_ids"):
         if column in columns:
             return column
     raise DataSourceError(f"hub dataset {spec.repo!r} has neither a 'text' nor an 'input_ids' column: {columns}")

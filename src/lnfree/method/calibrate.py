@@ -9,14 +9,18 @@ from torch import Tensor
 
 from ..models.base import LNModel
 from .schedule import SiteState
+from .sigma import SigmaRule
 
 
 @torch.no_grad()
-def calibrate(model: LNModel, batches: Iterable[Tensor]) -> dict[str, float]:
-    """Set every live site's σ̂ (and its position-0 / EOT specials) to the mean per-token std of its input.
+def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None = None) -> dict[str, float]:
+    """Set every live site's σ̂ (and its position-0 / EOT specials) to `rule`'s statistic of its input: by
+    default the mean per-token std, position 0 and EOT positions apart.
 
-    Runs plain forwards in eval mode over `batches` (token ids, (B, T)); returns {site: σ̂}.
+    Runs plain forwards in eval mode over `batches` (token ids, (B, T)); returns {site: σ̂}. The rule stays set
+    on the model; a training run then switches on its EMA (`LNModel.set_sigma_rule`).
     """
+    model.set_sigma_rule(rule or SigmaRule())  # no micro-batch count: statistics wait for the ema_step below
     was_training = model.training
     model.eval()
     n = 0
@@ -26,7 +30,7 @@ def calibrate(model: LNModel, batches: Iterable[Tensor]) -> dict[str, float]:
             n += 1
     if n == 0:
         raise ValueError("calibration needs at least one batch of tokens")
-    model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured mean
+    model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured statistic
     model.train(was_training)
     return {name: site.sigma.item() for name, site in model.norm_sites().items()}
 

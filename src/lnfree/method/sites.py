@@ -11,11 +11,12 @@ While a site is frozen, position 0 (BOS) and EOT positions may keep their own sp
 has a residual std ~30x the rest), weighted in by `bos_weight` / `eot_weight` ∈ [0, 1] so that a schedule can
 ease them out (weight 1: the special σ̂; 0: the common one; between: geometric interpolation).
 
-σ̂ tracking. While live, a site accumulates the mean per-token std of its input (positions 0 and EOT kept
-apart) — but only while `collecting` is switched on by the training loop around its forward. That excludes
-evaluation forwards and activation-checkpoint recomputes (which happen inside backward); the shared ln_1 input
-is measured once and handed to both paths. `ema_step(momentum)` then folds the step's mean into σ̂ once per
-optimizer step (Baroni et al. 2025: EMA with momentum 0.9), and σ̂ stays fixed from the moment the site freezes.
+σ̂ tracking. While live, a site measures the per-token std of its input — but only while `collecting` is
+switched on by the training loop around its forward. That excludes evaluation forwards and activation-checkpoint
+recomputes (which happen inside backward); the shared ln_1 input is measured once and handed to both paths.
+What is measured and when σ̂ moves is the layer's `SigmaRule` (method/sigma.py): once per optimizer step from
+the step's mean (`ema_step`), or at every call inside `forward` (the 2025 code's rule), before the outputs are
+computed so that an activation-checkpoint recompute sees the σ̂ its forward used.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# Index of each statistic in a site's accumulator: running sums and counts of per-token std.
+from .sigma import SigmaRule
+
+# Index of each statistic in a site's accumulators: main (the common σ̂), position 0, EOT positions.
 _MAIN, _BOS, _EOT = 0, 1, 2
 
 
@@ -39,9 +42,10 @@ class NormSite(nn.Module):
         self.register_buffer("sigma_eot", torch.tensor(1.0))
         self.register_buffer("bos_weight", torch.tensor(1.0))
         self.register_buffer("eot_weight", torch.tensor(1.0))
-        # sums[k], counts[k] for k in (_MAIN, _BOS, _EOT); zero at every optimizer-step boundary, so they
-        # need not be checkpointed.
+        # Sums of per-token std and std², and counts, for (_MAIN, _BOS, _EOT); emptied by every σ̂ update, which
+        # happens at an optimizer-step boundary at the latest, so they need not be checkpointed.
         self.register_buffer("stat_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_squares", torch.zeros(3, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
 
     def extra_repr(self) -> str:
@@ -70,35 +74,41 @@ class NormSite(nn.Module):
 
     # ---- statistics -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def accumulate(self, std: Tensor, eot_mask: Tensor | None) -> None:
-        """Add one forward's per-token std (B, T) to this step's sums: main, position 0, EOT kept apart."""
+    def accumulate(self, std: Tensor, eot_mask: Tensor | None, positions: str = "apart") -> None:
+        """Add one forward's per-token std (B, T): position 0 and EOT positions into their own sums, and the
+        main sum over the `positions` of the σ̂ rule: all but those ("apart"), all but position 0
+        ("after_bos") or every position ("pooled")."""
         std = std.detach().double()
         special = torch.zeros_like(std, dtype=torch.bool)
         special[:, 0] = True
         if eot_mask is not None:
             eot = eot_mask.clone()
-            eot[:, 0] = False  # position 0 counts as BOS even when it holds an EOT token
+            eot[:, 0] = False  # position 0 counts as position 0 even when it holds an EOT token
             special |= eot
-            self.stat_sums[_EOT] += std[eot].sum()
-            self.stat_counts[_EOT] += eot.sum()
-        self.stat_sums[_BOS] += std[:, 0].sum()
-        self.stat_counts[_BOS] += std.shape[0]
-        self.stat_sums[_MAIN] += std[~special].sum()
-        self.stat_counts[_MAIN] += (~special).sum()
+            self._add(_EOT, std[eot])
+        self._add(_BOS, std[:, 0])
+        main = {"apart": std[~special], "after_bos": std[:, 1:], "pooled": std}[positions]
+        self._add(_MAIN, main.flatten())
+
+    def _add(self, k: int, values: Tensor) -> None:
+        self.stat_sums[k] += values.sum()
+        self.stat_squares[k] += values.pow(2).sum()
+        self.stat_counts[k] += values.numel()
 
     @torch.no_grad()
-    def ema_step(self, momentum: float) -> None:
-        """σ̂ ← m·σ̂ + (1−m)·(this step's mean std), for each of main/BOS/EOT that was seen; then reset.
+    def update(self, momentum: float, statistic: str = "mean_std") -> None:
+        """σ̂ ← m·σ̂ + (1−m)·(the accumulated statistic), for each of main/BOS/EOT that was seen; then empty the
+        sums. momentum 0 sets σ̂ to the measurement (calibration); 1 never moves it."""
+        for k, buf in ((_MAIN, self.sigma), (_BOS, self.sigma_bos), (_EOT, self.sigma_eot)):
+            n = self.stat_counts[k]
+            if n > 0:
+                value = self.stat_sums[k] / n if statistic == "mean_std" else (self.stat_squares[k] / n).sqrt()
+                buf.copy_(momentum * buf + (1 - momentum) * value.to(buf.dtype))
+        self.reset()
 
-        momentum 0 sets σ̂ to the measured mean (calibration); momentum 1 never moves it. Frozen sites
-        never move: σ̂ freezes at the switch.
-        """
-        if not self.frozen:
-            for k, buf in ((_MAIN, self.sigma), (_BOS, self.sigma_bos), (_EOT, self.sigma_eot)):
-                if self.stat_counts[k] > 0:
-                    mean = (self.stat_sums[k] / self.stat_counts[k]).to(buf.dtype)
-                    buf.copy_(momentum * buf + (1 - momentum) * mean)
+    def reset(self) -> None:
         self.stat_sums.zero_()
+        self.stat_squares.zero_()
         self.stat_counts.zero_()
 
 
@@ -117,17 +127,37 @@ class RemovableLayerNorm(nn.Module):
         self.paths = paths
         self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix) for p in paths)
         self.collecting = False  # switched by `collect_norm_stats`; never checkpointed
+        self.rule = SigmaRule()  # set with the run by `LNModel.set_sigma_rule`
+        self.call_momentum: float | None = None  # "call" rule: σ̂ moves inside forward with this retention
+
+    def tracked_sites(self) -> list[NormSite]:
+        """The sites whose σ̂ still follows the input: the live ones — or, when the paths share σ̂ ("norm"
+        tracking), all of them while any is live."""
+        live = [s for s in self.sites if not s.is_frozen]
+        return list(self.sites) if live and self.rule.tracking == "norm" else live
+
+    @torch.no_grad()
+    def ema_step(self, momentum: float) -> None:
+        """Fold the collected statistics into σ̂ of every tracked site; frozen, untracked sites never move."""
+        for site in self.tracked_sites():
+            site.update(momentum, self.rule.statistic)
+            if self.rule.eot_sigma == "bos":
+                site.sigma_eot.copy_(site.sigma_bos)
+        for site in self.sites:
+            site.reset()
 
     def forward(self, x: Tensor, eot_mask: Tensor | None = None) -> list[Tensor]:
         """x: (B, T, D) → one (B, T, D) output per path."""
-        if self.collecting:
+        tracked = self.tracked_sites() if self.collecting else []
+        if tracked:
             # Measured on the side, without autograd, so the differentiable graph is the same whether or not
             # statistics are collected (activation-checkpoint recomputes must save the same tensors).
             with torch.no_grad():
                 std = x.var(-1, correction=0).add(self.eps).sqrt()  # (B, T)
-                for site in self.sites:
-                    if not site.is_frozen:
-                        site.accumulate(std, eot_mask)
+                for site in tracked:
+                    site.accumulate(std, eot_mask, self.rule.positions)
+                if self.call_momentum is not None:
+                    self.ema_step(self.call_momentum)
         if not any(s.is_frozen for s in self.sites):
             # All live: one fused LN shared by every path.
             y = nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

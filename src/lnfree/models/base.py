@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..method.sigma import SigmaRule
 from ..method.sites import NormSite, RemovableLayerNorm
 
 
@@ -59,10 +60,26 @@ class LNModel(nn.Module):
             for layer in layers:
                 layer.collecting = False
 
+    def set_sigma_rule(self, rule: SigmaRule, micro_batches_per_step: int | None = None) -> None:
+        """How σ̂ is measured and followed (method/sigma.py). With `micro_batches_per_step`, a "call" rule
+        moves σ̂ inside every training forward; without, statistics wait for `ema_step` (calibration)."""
+        for layer in self.norm_layers():
+            layer.rule = rule
+            per_call = rule.ema == "call" and rule.collects and micro_batches_per_step
+            layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.paths))
+                                   if per_call else None)
+
     def ema_step(self, momentum: float) -> None:
-        """Fold this step's collected std into σ̂ at every live site (once per optimizer step)."""
-        for site in self.norm_sites().values():
-            site.ema_step(momentum)
+        """Fold the collected std into σ̂ at every tracked site (once per optimizer step, "step" rule)."""
+        for layer in self.norm_layers():
+            layer.ema_step(momentum)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout probability of training forwards, wherever the family places dropout (GPT-2: embeddings,
+        attention weights, both residual writes). Evaluation forwards never drop."""
+        for module in self.modules():
+            if hasattr(module, "dropout_p"):
+                module.dropout_p = p
 
     # ---- to be provided by the family -----------------------------------------------------------------------
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):

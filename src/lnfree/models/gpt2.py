@@ -62,6 +62,7 @@ class Attention(nn.Module):
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # rows: Q | K | V
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout_p = 0.0  # on the attention weights in training, as transformers' attn_pdrop
 
     def forward(self, x_qk: Tensor, x_v: Tensor, cache: dict | None = None, prefix: str = "") -> Tensor:
         """x_qk, x_v: (B, T, D) → z: (B, T, H, dh), the per-head mix of values before c_proj."""
@@ -73,7 +74,8 @@ class Attention(nn.Module):
             q, k = F.linear(x_qk, w[: 2 * D], b[: 2 * D]).split(D, dim=-1)
             v = F.linear(x_v, w[2 * D :], b[2 * D :])
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        p = self.dropout_p if self.training else 0.0
+        z = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, dh)
         if cache is not None:  # the pattern is only materialised when someone asks to look at it
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -87,9 +89,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.d_mlp)
         self.c_proj = nn.Linear(cfg.d_mlp, cfg.n_embd)
         self.act = _ACTIVATIONS[cfg.activation_function]
+        self.dropout_p = 0.0  # on its output in training, as transformers' resid_pdrop
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D) → (B, T, D)
-        return self.c_proj(self.act(self.c_fc(x)))
+        return F.dropout(self.c_proj(self.act(self.c_fc(x))), self.dropout_p, self.training)
 
 
 class Block(nn.Module):
@@ -101,11 +104,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ln_2 = RemovableLayerNorm(d, eps, f"blocks.{i}.ln2") if cfg.normalization else None
         self.mlp = MLP(cfg)
+        self.dropout_p = 0.0  # on the attention output in training, as transformers' resid_pdrop
 
     def forward(self, x: Tensor, eot_mask: Tensor | None, cache: dict | None) -> Tensor:  # (B, T, D)
         x_qk, x_v = self.ln_1(x, eot_mask) if self.ln_1 is not None else (x, x)
         z = self.attn(x_qk, x_v, cache, f"blocks.{self.i}.")  # (B, T, H, dh)
-        attn_out = self.attn.c_proj(z.flatten(2))
+        attn_out = F.dropout(self.attn.c_proj(z.flatten(2)), self.dropout_p, self.training)
         resid_mid = x + attn_out
         mlp_in = self.ln_2(resid_mid, eot_mask)[0] if self.ln_2 is not None else resid_mid
         mlp_out = self.mlp(mlp_in)
@@ -133,6 +137,7 @@ class GPT2(LNModel):
         else:
             self.ln_f = None
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        self.dropout_p = 0.0  # on the summed embeddings in training, as transformers' embd_pdrop
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         """idx: (B, T) token ids → logits (B, T, V); with return_final_std also the ln_final input std (B, T)."""
@@ -141,7 +146,7 @@ class GPT2(LNModel):
             raise ValueError(f"sequence length {T} exceeds the model's context {self.config.n_positions}")
         eot_mask = self.eot_mask(idx)
         embed, pos_embed = self.wte(idx), self.wpe(torch.arange(T, device=idx.device))  # (B, T, D), (T, D)
-        x = embed + pos_embed
+        x = F.dropout(embed + pos_embed, self.dropout_p, self.training)
         if cache is not None:
             cache.update({"hook_embed": embed, "hook_pos_embed": pos_embed.expand(B, T, -1)})
         for block in self.h:

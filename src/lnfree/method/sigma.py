@@ -1,0 +1,74 @@
+"""How σ̂ is measured before a run and followed while a site is live. Pure data, no torch (like schedule.py).
+
+The two papers' codes differ here more than anywhere else, so every difference is a field:
+
+* statistic — what one σ̂ value summarises over tokens: "mean_std", the mean per-token std (Baroni et al.'s
+  EMA), or "rms_std", sqrt of the mean per-token variance: the pooled std over tokens of the 2024 code's
+  precomputed `std_dicts` (their per-token means are ~0 in TransformerLens' centred residual stream).
+* positions — which positions the common σ̂ is measured on: "apart", all but position 0 and EOT positions
+  (those are measured into their own special σ̂); "after_bos", all but position 0 (the 2024 code's
+  `std_dicts`: positions 1:, EOT tokens included); "pooled", every position (the 2025 code). Position 0's and
+  EOT's own values are measured in every case, for the specials.
+* ema — "none": σ̂ stays at its calibration (2024); "step": one update per optimizer step from the mean of that
+  step's training forwards (ours); "call": one update at every LN call, as the 2025 code's FakeLayerNorm does.
+* momentum — the retained fraction of the old σ̂ per update. For "call", per call of the reference's
+  micro-batch: with `reference_calls` micro-batches per optimizer step in the reference and n in ours, each of
+  our calls keeps momentum^(reference_calls / n), so σ̂ keeps the same fraction per optimizer step whatever the
+  micro-batch size. `v_reads`: the 2025 code calls ln_1 once for Q/K and twice for V (plain, then again for the
+  EOT positions), so one forward moves the shared σ̂ of ln_1 by three calls.
+* tracking — "site": σ̂ stops moving when the site freezes; "norm": the paths of one LayerNorm share σ̂, which
+  moves while any of them is live (the 2025 code keeps one buffer per LayerNorm: its frozen Q/K path keeps
+  following the EMA until the V path freezes).
+* eot_sigma — the EOT special's σ̂: "eot", measured at EOT positions; "bos", position 0's (the 2024 code).
+Training forwards only, in every rule: never evaluation forwards or activation-checkpoint recomputes (the
+2025 code also updated its EMA during the Trainer's evaluations — a bug we do not copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+_CHOICES = {"statistic": ("mean_std", "rms_std"), "positions": ("apart", "after_bos", "pooled"),
+            "ema": ("none", "step", "call"), "tracking": ("site", "norm"), "eot_sigma": ("eot", "bos")}
+
+
+@dataclass(frozen=True)
+class SigmaRule:
+    statistic: str = "mean_std"
+    positions: str = "apart"
+    ema: str = "step"
+    momentum: float = 0.9
+    reference_calls: int | None = None
+    """"call": micro-batches per optimizer step in the reference run the momentum was set for."""
+    v_reads: int = 1
+    """"call": how often one forward reads the V path (2025 code: 2)."""
+    tracking: str = "site"
+    eot_sigma: str = "eot"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"sigma rule {name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {self.momentum}")
+
+    @property
+    def collects(self) -> bool:
+        """Whether training forwards measure std at all (never with ema "none" or momentum 1)."""
+        return self.ema != "none" and self.momentum < 1.0
+
+    def call_momentum(self, micro_batches_per_step: int, reads: int) -> float:
+        """"call": the retention of one of our LN calls that stands for `reads` reference calls."""
+        scale = self.reference_calls / micro_batches_per_step if self.reference_calls else 1.0
+        return self.momentum ** (scale * reads)
+
+    def reads(self, paths: tuple[str, ...]) -> int:
+        """Reference calls per forward of a LayerNorm with these paths ("call" rule)."""
+        return sum(self.v_reads if path == "v" else 1 for path in paths)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SigmaRule:
+        return cls(**d)
