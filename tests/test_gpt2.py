@@ -163,3 +163,20 @@ def test_dropout_sits_where_transformers_puts_it(tmp_path, where):
         assert (got - expected).abs().max().item() <= 1e-5
         ours.set_dropout(0.5)
         assert torch.equal(ours.eval()(idx), ours(idx))  # evaluation forwards never drop
+
+
+def test_site_layout_names_every_site_in_forward_order(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    layout = model.site_layout()
+    assert [s.name for s in layout] == list(model.norm_sites())
+    assert [s.kind for s in layout[:3]] == ["ln1qk", "ln1v", "ln2"] and layout[-1].kind == "ln_final"
+    assert (model.n_layers, model.context_length, model.eos_token_ids) == (2, 64, (100,))
+
+
+def test_several_end_of_text_ids_all_mark_eot(hf_gpt2_dir):
+    model = load_model(hf_gpt2_dir)
+    model.config.eos_token_id = [100, 7]  # Llama 3 style
+    idx = torch.tensor([[3, 7, 100, 5]])
+    assert model.eot_mask(idx).tolist() == [[False, True, True, False]]
+    model.config.eos_token_id = None
+    assert model.eot_mask(idx) is None

@@ -18,7 +18,6 @@ import torch
 import transformers
 
 from lnfree.config import TrainConfig
-from lnfree.method.schedule import site_name
 from lnfree.recipes import get_recipe, recipe_schedule
 from lnfree.runs import removal_plan
 from lnfree.train import lr_at
@@ -39,6 +38,11 @@ BARONI_TABLE = {
     "baroni2025-xl-noaux": ("make_gpt2_xl", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 20, 2, 2, 3, 0.9 ** (18 / 32), 0.0),
 }
 BLOCK_SIZE, TARGET_BATCH_TOKENS = 1024, 2**19
+
+
+def site_name(kind, i=None):
+    suffix = {"ln2": "ln2", "ln1qk": "ln1.qk", "ln1v": "ln1.v"}
+    return "ln_final" if kind == "ln_final" else f"blocks.{i}.{suffix[kind]}"
 
 
 def _expected_freezes(n, start_ln2, gap_ln2, gap_ln1qk, gap_ln1v):

@@ -9,18 +9,14 @@ import sys
 
 import pytest
 
-from lnfree.method.schedule import (
-    SITE_KINDS,
-    RemovalSpec,
-    Schedule,
-    all_site_names,
-    build_schedule,
-    control_schedule,
-    site_kind,
-)
+from lnfree.method.schedule import SITE_KINDS, RemovalSpec, Schedule, build_schedule, control_schedule, standard_layout
 from lnfree.recipes import PRESETS, get_recipe, recipe_schedule
 
 PHASES = [*SITE_KINDS, "eot", "bos"]  # ln2 → ln1.qk → ln1.v → ln_final → EOT specials → position-0 specials
+
+
+def site_kind(name: str) -> str:
+    return {s.name: s.kind for s in standard_layout(48)}[name]
 
 
 def _phase_steps(s: Schedule) -> dict[str, list[int]]:
@@ -42,10 +38,10 @@ def test_phases_in_order_at_every_depth(name, n_layer):
     if name == "per-site specials":
         spec = RemovalSpec(start=3, gaps={"ln2": 2, "ln1qk": 1, "ln1v": 3}, eot_after=2, bos_after=4, tail=5,
                            eot_kinds=SITE_KINDS, bos_kinds=("ln2", "ln1v"), special_gap=2)
-        s = build_schedule(spec, n_layer)
+        s = build_schedule(spec, standard_layout(n_layer))
     else:
         s = recipe_schedule(get_recipe(name, n_layer), n_layer)
-    assert sorted(s.freeze_at) == sorted(all_site_names(n_layer))
+    assert sorted(s.freeze_at) == sorted(site.name for site in standard_layout(n_layer))
     steps = _phase_steps(s)
     present = [p for p in PHASES if steps[p]]
     for before, after in zip(present, present[1:], strict=False):  # every step of a phase ≤ every step of the next one
@@ -76,7 +72,7 @@ def _direct_state(s: Schedule, site: str, step: int) -> tuple[bool, float, float
 def test_state_at_every_step_matches_a_direct_reading():
     spec = RemovalSpec(start=2, gaps={"ln2": 1, "ln1qk": 2, "ln1v": 1}, eot_after=1, bos_after=2, tail=3,
                        eot_kinds=("ln1v", "ln_final"), bos_kinds=SITE_KINDS, special_gap=1, eot_ramp=2, bos_ramp=3)
-    s = build_schedule(spec, 3)
+    s = build_schedule(spec, standard_layout(3))
     again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
     for step in range(s.total_steps + 2):
         state = again.state_at(step)
@@ -120,7 +116,7 @@ def test_control_freezes_nothing():
 
 def test_too_short_run_is_refused():
     with pytest.raises(ValueError, match="too short"):
-        build_schedule(get_recipe("baroni2025", 12).removal, 12, total_steps=50)
+        build_schedule(get_recipe("baroni2025", 12).removal, standard_layout(12), total_steps=50)
 
 
 def test_cli_prints_timeline_and_rejects_unknown_preset():

@@ -85,3 +85,19 @@ def test_cli_verify_missing_model_is_one_line_error(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lnfree: error:") and "\n" not in err
+
+
+def test_eval_and_verify_agree_on_a_site_that_keeps_a_special(dirs):
+    """One definition of "still normalising": a frozen site whose position-0 σ̂ is still weighted in counts."""
+    from lnfree.evaluate import _model_info
+    from lnfree.method.calibrate import apply_site_states, calibrate
+    from lnfree.method.schedule import SiteState
+
+    model = load_model(dirs["ln"]).eval()
+    calibrate(model, [random_tokens(seed=1)])
+    states = {n: SiteState(True, 0.0, 0.0) for n in model.norm_sites()}
+    states["blocks.1.ln2"] = SiteState(True, 1.0, 0.0)
+    apply_site_states(model, states)
+    assert model.normalising_sites() == ["blocks.1.ln2"]
+    assert verify(model, exports=False).live_sites == ["blocks.1.ln2"]
+    assert _model_info(model)["live_norm_sites"] == 1

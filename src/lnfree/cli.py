@@ -71,20 +71,11 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_remove(args: argparse.Namespace) -> int:
-    from .models.io import resolve_model_dir
-    from .recipes import describe_training
-    from .runs import removal_plan, run_removal
+    from .runs import run_removal
 
-    model_dir = resolve_model_dir(args.model)
-    n_layer = json.loads((model_dir / "config.json").read_text()).get("n_layer", 0)
-    plan = removal_plan(n_layer, args.preset, _overrides(args))
-    if not args.control:
-        print(f"# preset {plan.preset} on {n_layer} layers, {plan.schedule.total_steps} steps")
-        print(f"# {describe_training(plan.train, plan.sigma)}")
-        print(plan.schedule.format_timeline())
     result = run_removal(args.model, args.data, args.out, preset=args.preset, overrides=_overrides(args),
                          control=args.control, resume=args.resume, cache_root=args.cache_dir,
-                         progress=not args.quiet)
+                         progress=not args.quiet, show_plan=True)
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
           f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
     return 0

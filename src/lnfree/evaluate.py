@@ -316,9 +316,8 @@ def compare(models: dict[str, nn.Module], datasets: dict[str, Any], *, ctx: int 
 def _model_info(model: nn.Module) -> dict[str, Any]:
     return {"source": getattr(model, "source", None), "vocab_size": model.config.vocab_size,
             "n_positions": model_context(model),
-            # 0 live sites: the model no longer normalises per token (frozen σ̂ or folded away)
-            "live_norm_sites": sum(not s.is_frozen for s in model.norm_sites().values())
-            if hasattr(model, "norm_sites") else None,
+            # 0: the model no longer normalises per token (frozen σ̂ without specials, or folded away)
+            "live_norm_sites": len(model.normalising_sites()) if hasattr(model, "normalising_sites") else None,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

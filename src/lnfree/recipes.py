@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .config import Recipe, TrainConfig
-from .method.schedule import RemovalSpec, Schedule, build_schedule
+from .method.schedule import RemovalSpec, Schedule, SiteSpec, build_schedule, standard_layout
 from .method.sigma import SigmaRule
 
 _HEIMERSHEIM = "Heimersheim 2024, arXiv 2409.13710"
@@ -132,7 +132,8 @@ def baroni_recipe(name: str, n_layer: int) -> Recipe:
     spec = RemovalSpec(start=c.start_ln2, gaps={"ln2": g2, "ln1qk": gqk, "ln1v": gv, "ln_final": gv},
                        eot_after=0, bos_after=0, tail=0)
     # The tail (fine-tuning after the last event) keeps the published length at the published depth.
-    spec = replace(spec, tail=c.published_steps - build_schedule(spec, c.n_layer, 10**9).last_event)
+    last_event = build_schedule(spec, standard_layout(c.n_layer), 10**9).last_event
+    spec = replace(spec, tail=c.published_steps - last_event)
     train = TrainConfig(steps=c.published_steps, batch_tokens=_reference_batch(c.base_batch_size),
                         micro_batch=c.base_batch_size, ctx=CTX, lr=c.learning_rate, min_lr=c.min_lr,
                         warmup_steps=c.warmup_steps, decay_steps=c.max_steps, weight_decay=0.01,
@@ -175,9 +176,11 @@ def get_recipe(name: str, n_layer: int) -> Recipe:
     return PRESETS[name](n_layer)
 
 
-def recipe_schedule(recipe: Recipe, n_layer: int, steps: int | None = None) -> Schedule:
-    """The recipe's schedule on n_layer blocks, rescaled to `steps` when the run is longer or shorter."""
-    schedule = build_schedule(recipe.removal, n_layer, recipe.total_steps)
+def recipe_schedule(recipe: Recipe, layout: list[SiteSpec] | int, steps: int | None = None) -> Schedule:
+    """The recipe's schedule over a model's sites (or the standard layout of that many blocks), rescaled to
+    `steps` when the run is longer or shorter."""
+    layout = standard_layout(layout) if isinstance(layout, int) else layout
+    schedule = build_schedule(recipe.removal, layout, recipe.total_steps)
     return schedule.rescaled(steps) if steps and steps != schedule.total_steps else schedule
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import SequenceSampler, build_token_cache
-from .method.schedule import Schedule, control_schedule
+from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
 from .models import load_model, save_model
 from .models.base import LNModel
 from .models.io import resolve_model_dir
 from .plots import plot_with_siblings
-from .recipes import get_recipe, recipe_schedule
+from .recipes import describe_training, get_recipe, recipe_schedule
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 from .train import RunResult, train
 
@@ -36,15 +36,16 @@ class RemovalPlan:
     preset: str
 
 
-def removal_plan(n_layer: int, preset: str, overrides: dict) -> RemovalPlan:
-    """The preset on n_layer blocks with command-line overrides. A run of another length than the preset's
-    (`steps`, or another depth) stretches the schedule, the warmup and the lr decay horizon alike, unless the
-    warmup or horizon is given explicitly."""
-    recipe = get_recipe(preset, n_layer)
+def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict) -> RemovalPlan:
+    """The preset over a model's sites (or the standard layout of that many blocks) with command-line overrides.
+    A run of another length than the preset's (`steps`, or another depth) stretches the schedule, the warmup
+    and the lr decay horizon alike, unless the warmup or horizon is given explicitly."""
+    layout = standard_layout(layout) if isinstance(layout, int) else layout
+    recipe = get_recipe(preset, layout_depth(layout))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("steps", 1) < 1:
         raise ValueError(f"--steps must be at least 1, got {overrides['steps']}")
-    schedule = recipe_schedule(recipe, n_layer, overrides.get("steps"))
+    schedule = recipe_schedule(recipe, layout, overrides.get("steps"))
     cfg = recipe.train
     stretch = schedule.total_steps / cfg.steps
     if stretch != 1:
@@ -57,9 +58,9 @@ def removal_plan(n_layer: int, preset: str, overrides: dict) -> RemovalPlan:
 
 
 def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
-    if len(tokenizer) > model.config.vocab_size:
+    if len(tokenizer) > model.vocab_size:
         raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}; use the model's own tokenizer")
+                         f"{model.vocab_size}; use the model's own tokenizer")
 
 
 def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool):
@@ -72,8 +73,9 @@ def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | Non
 
 def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "baroni2025",
                 overrides: dict | None = None, control: bool = False, resume: bool = False,
-                cache_root: Path | None = None, progress: bool = True) -> RunResult:
-    """Fine-tune `model_source` on `data`, removing every LN by `preset` (or keeping them: control)."""
+                cache_root: Path | None = None, progress: bool = True, show_plan: bool = False) -> RunResult:
+    """Fine-tune `model_source` on `data`, removing every LN by `preset` (or keeping them: control).
+    `show_plan` prints the preset's settings and timeline first."""
     out_dir = Path(out_dir)
     model_dir = resolve_model_dir(model_source)
     model = load_model(model_dir)
@@ -81,8 +83,12 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
-    plan = removal_plan(model.config.n_layer, preset, overrides or {})
+    plan = removal_plan(model.site_layout(), preset, overrides or {})
     cfg, sigma, schedule = plan.train, plan.sigma, plan.schedule
+    if show_plan and not control:
+        print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
+        print(f"# {describe_training(cfg, sigma)}")
+        print(schedule.format_timeline(), flush=True)
     if resume and (out_dir / "run.json").exists():  # continue exactly what was started
         saved = json.loads((out_dir / "run.json").read_text())
         cfg, schedule = TrainConfig.from_dict(saved["train"]), Schedule.from_dict(saved["schedule"])
@@ -91,8 +97,8 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
         # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
         # which belongs to the removal (the 2025 code trained its control with it).
         schedule, cfg = control_schedule(schedule.total_steps), replace(cfg, aux_weight=0.0)
-    if cfg.ctx > model.config.n_positions:
-        raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.config.n_positions} tokens")
+    if cfg.ctx > model.context_length:
+        raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.context_length} tokens")
     cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
     sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed)
     calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET)

@@ -78,16 +78,11 @@ def as_norm_free(model: LNModel, what: str = "model") -> tuple[GPT2, bool]:
         raise ValueError(f"{what}: exports support the GPT-2 family only, got {model.family!r}")
     if not model.has_normalization:
         return model.eval(), False
-    sites = model.norm_sites()
-    live = [name for name, site in sites.items() if not site.is_frozen]
-    if live:
-        raise ValueError(f"{what} still has live LayerNorm at {len(live)} of {len(sites)} norm sites "
-                         f"({', '.join(live[:3])}{', …' if len(live) > 3 else ''}); only LN-free models export — "
-                         "finish the removal run, or pass a folded or eps=1e12 model")
     try:
         model.check_foldable()
     except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
+        raise ValueError(f"{what}: {e}; only LN-free models export (a finished run, a folded or an eps=1e12 "
+                         "model)") from None
     return model.fold().eval(), True
 
 

@@ -96,9 +96,7 @@ def normalization_modules(model: nn.Module) -> list[str]:
             or any(k in type(m).__name__ for k in ("LayerNorm", "RMSNorm"))]
 
 
-def live_sites(model: LNModel) -> list[str]:
-    return [name for name, s in model.norm_sites().items()
-            if not s.is_frozen or bool(s.bos_weight > 0) or bool(s.eot_weight > 0)]
+
 
 
 # ---- (b) direct logit attribution --------------------------------------------------------------------------
@@ -190,7 +188,7 @@ def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
     else:
         model, name = load_any(model_or_path)[0], str(model_or_path)
     model.eval()
-    sites = live_sites(model)
+    sites = model.normalising_sites()
     if not sites and model.has_normalization:
         model, _ = as_norm_free(model, name)  # frozen, no specials: fold, then check what is left
     batches = batches if batches is not None else sample_batches(model)

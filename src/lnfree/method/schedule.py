@@ -5,31 +5,39 @@ are eased out — so it is saved with checkpoints as JSON and printed as a timel
 what the forward/backward of step s runs with: a site with `freeze_at = 200` is live for steps 0–199 and
 frozen from step 200 on.
 
-Site names are the family-independent ones of `lnfree.method.sites`: blocks.{i}.ln2, blocks.{i}.ln1.qk,
-blocks.{i}.ln1.v, ln_final.
+Site names are a model's own (`LNModel.site_layout`); the schedule orders them by kind and layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+# Site kinds name the role a norm plays, whatever the family: the norm before the MLP, the pre-attention norm as
+# read by Q/K and as read by V, the final norm. A schedule orders kinds; a family's layout says which site has
+# which kind (`LNModel.site_layout`). A family with other norms (Qwen3's per-head q/k norms) adds kinds.
 SITE_KINDS = ("ln2", "ln1qk", "ln1v", "ln_final")
-_SUFFIX = {"ln2": ".ln2", "ln1qk": ".ln1.qk", "ln1v": ".ln1.v"}
 
 
-def site_name(kind: str, layer: int | None = None) -> str:
-    return "ln_final" if kind == "ln_final" else f"blocks.{layer}{_SUFFIX[kind]}"
+@dataclass(frozen=True)
+class SiteSpec:
+    """One norm site as the method sees it: its name, the kind that orders it, and its block (None: final)."""
+
+    name: str
+    kind: str
+    layer: int | None
 
 
-def site_kind(name: str) -> str:
-    """The kind of a site name: blocks.3.ln1.qk -> ln1qk (the inverse of `site_name`)."""
-    return next((kind for kind, suffix in _SUFFIX.items() if name.endswith(suffix)), "ln_final")
+def layout_depth(layout: list[SiteSpec]) -> int:
+    """Blocks spanned by a layout (what per-size presets are picked by)."""
+    return 1 + max((s.layer for s in layout if s.layer is not None), default=-1)
 
 
-def all_site_names(n_layer: int) -> list[str]:
-    """Every site of an n_layer model, in forward order."""
-    per_block = [[site_name(k, i) for k in ("ln1qk", "ln1v", "ln2")] for i in range(n_layer)]
-    return [n for block in per_block for n in block] + ["ln_final"]
+def standard_layout(n_layers: int) -> list[SiteSpec]:
+    """The sites of a pre-norm transformer with one norm before attention (read apart by Q/K and by V), one
+    before the MLP and a final one — GPT-2, GPT-NeoX, Llama alike — in forward order, TransformerLens names."""
+    per_block = [[SiteSpec(f"blocks.{i}.ln1.qk", "ln1qk", i), SiteSpec(f"blocks.{i}.ln1.v", "ln1v", i),
+                  SiteSpec(f"blocks.{i}.ln2", "ln2", i)] for i in range(n_layers)]
+    return [s for block in per_block for s in block] + [SiteSpec("ln_final", "ln_final", None)]
 
 
 @dataclass(frozen=True)
@@ -147,37 +155,39 @@ class Schedule:
         return "\n".join(lines)
 
 
-def _special_offs(sites: list[str], kinds: tuple[str, ...], first: int, gap: int) -> dict[str, int]:
-    chosen = [s for s in sites if site_kind(s) in kinds]
+def _special_offs(sites: list[SiteSpec], kinds: tuple[str, ...], first: int, gap: int) -> dict[str, int]:
+    chosen = [s.name for s in sites if s.kind in kinds]
     return {site: first + i * gap for i, site in enumerate(chosen)}
 
 
-def build_schedule(spec: RemovalSpec, n_layer: int, total_steps: int | None = None) -> Schedule:
-    """Lay a RemovalSpec out over n_layer blocks; the run lasts `total_steps` or, by default, `spec.tail`
-    steps past the last event."""
-    unknown = (set(spec.order) | set(spec.eot_kinds) | set(spec.bos_kinds)) - set(SITE_KINDS)
-    if unknown:
-        raise ValueError(f"unknown site kind(s) {sorted(unknown)}; known: {', '.join(SITE_KINDS)}")
+def build_schedule(spec: RemovalSpec, layout: list[SiteSpec], total_steps: int | None = None) -> Schedule:
+    """Lay a RemovalSpec out over a model's sites (`LNModel.site_layout()`, or `standard_layout(n)`); the run
+    lasts `total_steps` or, by default, `spec.tail` steps past the last event."""
+    kinds = {s.kind for s in layout}
+    unplaced = sorted(kinds - set(spec.order))
+    if unplaced:
+        raise ValueError(f"this removal order ({', '.join(spec.order)}) does not place site kind(s) "
+                         f"{', '.join(unplaced)} of this model; use a preset written for its family")
     freeze_at: dict[str, int] = {}
     step, previous_kind = spec.start, None
     for kind in spec.order:
-        for layer in [None] if kind == "ln_final" else range(n_layer):
+        for site in sorted((s for s in layout if s.kind == kind), key=lambda s: -1 if s.layer is None else s.layer):
             if previous_kind is not None:
                 # As in the papers' code: each freeze follows the previous one by the previous site kind's gap,
                 # so a phase starts n_layer × gap after the previous phase started.
                 step += spec.gaps.get(previous_kind, 0)
-            freeze_at[site_name(kind, layer)] = step
+            freeze_at[site.name] = step
             previous_kind = kind
-    sites = list(freeze_at)
-    eot_off = _special_offs(sites, spec.eot_kinds, step + spec.eot_after, spec.special_gap)
+    ordered = sorted(layout, key=lambda s: freeze_at[s.name])  # removal order
+    eot_off = _special_offs(ordered, spec.eot_kinds, step + spec.eot_after, spec.special_gap)
     eot_end = max(eot_off.values(), default=step + spec.eot_after)
-    bos_off = _special_offs(sites, spec.bos_kinds, eot_end + spec.bos_after, spec.special_gap)
+    bos_off = _special_offs(ordered, spec.bos_kinds, eot_end + spec.bos_after, spec.special_gap)
     schedule = Schedule(total_steps=0, freeze_at=freeze_at, eot_off=eot_off, bos_off=bos_off,
                         eot_ramp=spec.eot_ramp, bos_ramp=spec.bos_ramp)
     last = schedule.last_event
     total = total_steps if total_steps is not None else last + spec.tail
     if total <= last:
-        raise ValueError(f"{total} steps is too short for this schedule on {n_layer} layers: the last event is "
+        raise ValueError(f"{total} steps is too short for this schedule on {len(layout)} sites: the last event is "
                          f"at step {last}; give --steps > {last} (it is rescaled) or a shorter preset")
     return replace(schedule, total_steps=total)
 

@@ -56,6 +56,12 @@ class NormSite(nn.Module):
     def is_frozen(self) -> bool:
         return bool(self.frozen)
 
+    @property
+    def normalises(self) -> bool:
+        """Whether the divisor still depends on the token: live, or frozen with a position-0 / EOT special still
+        weighted in. The one definition every check uses (fold, export, verify, eval)."""
+        return not self.is_frozen or bool(self.bos_weight > 0) or bool(self.eot_weight > 0)
+
     def frozen_divisor(self, batch: int, seq: int, eot_mask: Tensor | None) -> Tensor:
         """σ̂ as a scalar, or (B, T, 1) while position-0 / EOT specials are still weighted in."""
         sigma = self.sigma

@@ -15,8 +15,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
+from ..method.schedule import SiteSpec
 from ..method.sigma import SigmaRule
 from ..method.sites import NormSite, RemovableLayerNorm
 
@@ -40,10 +42,18 @@ class LNModel(nn.Module):
     def has_normalization(self) -> bool:
         return bool(self.norm_layers())
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """End-of-text ids (Llama 3 declares several); empty when the config names none."""
+        eos = getattr(self.config, "eos_token_id", None)
+        return () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+
     def eot_mask(self, idx: Tensor) -> Tensor | None:
-        """(B, T) bool: positions holding the end-of-text token (they may get a special σ̂)."""
-        eot = getattr(self.config, "eos_token_id", None)
-        return None if eot is None else idx == eot
+        """(B, T) bool: positions holding an end-of-text token (they may get a special σ̂)."""
+        ids = self.eos_token_ids
+        if not ids:
+            return None
+        return idx == ids[0] if len(ids) == 1 else torch.isin(idx, torch.tensor(ids, device=idx.device))
 
     @contextlib.contextmanager
     def collect_norm_stats(self) -> Iterator[None]:
@@ -82,6 +92,25 @@ class LNModel(nn.Module):
                 module.dropout_p = p
 
     # ---- to be provided by the family -----------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        """Transformer blocks (what a removal schedule lays its phases over)."""
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model reads (positions)."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def site_layout(self) -> list[SiteSpec]:
+        """Every norm site with the kind that orders it in a schedule, in forward order; the names are those of
+        `norm_sites()`."""
+        raise NotImplementedError
+
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         raise NotImplementedError
 
@@ -89,16 +118,23 @@ class LNModel(nn.Module):
         """A norm-free model computing the same function; requires every site frozen with no specials."""
         raise NotImplementedError
 
+    def normalising_sites(self) -> list[str]:
+        """Sites whose divisor still depends on the token (`NormSite.normalises`); empty once foldable."""
+        return [name for name, site in self.norm_sites().items() if site.normalises]
+
     def check_foldable(self) -> None:
         """Raise a one-line error naming the sites that still normalise per token or keep a special σ̂."""
-        live = [n for n, s in self.norm_sites().items() if not s.is_frozen]
-        special = [n for n, s in self.norm_sites().items() if s.is_frozen and (s.bos_weight > 0 or s.eot_weight > 0)]
+        sites = self.norm_sites()
+        live = [n for n in self.normalising_sites() if not sites[n].is_frozen]
+        special = [n for n in self.normalising_sites() if sites[n].is_frozen]
         if live:
-            raise ValueError(f"cannot fold: {len(live)} site(s) still live ({', '.join(live[:4])}…); "
-                             "finish the removal schedule first")
+            raise ValueError(f"cannot fold: {len(live)} of {len(sites)} site(s) still live "
+                             f"({', '.join(live[:3])}{', …' if len(live) > 3 else ''}); finish the removal "
+                             "schedule first")
         if special:
             raise ValueError(f"cannot fold: {len(special)} site(s) still use a position-0/EOT special σ̂ "
-                             f"({', '.join(special[:4])}…); run the schedule past its special-σ̂ removal")
+                             f"({', '.join(special[:3])}{', …' if len(special) > 3 else ''}); run the schedule "
+                             "past its special-σ̂ removal")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..method.fold import fold_layernorm_into_linear
+from ..method.schedule import SiteSpec, standard_layout
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
 
@@ -138,6 +139,17 @@ class GPT2(LNModel):
             self.ln_f = None
             self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
         self.dropout_p = 0.0  # on the summed embeddings in training, as transformers' embd_pdrop
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layer
+
+    @property
+    def context_length(self) -> int:
+        return self.config.n_positions
+
+    def site_layout(self) -> list[SiteSpec]:
+        return standard_layout(self.config.n_layer)
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         """idx: (B, T) token ids → logits (B, T, V); with return_final_std also the ln_final input std (B, T)."""
