@@ -301,3 +301,26 @@ def test_lm_eval_adapter_scores_like_hflm(in_task_dir, model_dir):
     ours = loglikelihoods(make_lm(model_dir, device="cpu"))
     stock = loglikelihoods(HFLM(pretrained=str(model_dir), device="cpu", batch_size=8))
     assert ours == pytest.approx(stock, abs=1e-4)
+
+
+def test_one_resolver_for_every_command(workdir, model_dir, capsys):
+    """A run folder without final/ is refused by eval in one line (and read from its newest checkpoint only by
+    export, which then folds it); a finished run is read through its final/ everywhere."""
+    from lnfree.checkpoint import RunState, save_checkpoint
+    from lnfree.cli import main
+    from lnfree.models import save_model
+    from lnfree.models.io import load_source, resolve_source
+
+    run = workdir / "unfinished"
+    model = load_model(model_dir)
+    state = RunState(step=3, train={}, schedule={}, data={}, model_config=json.loads(
+        (model_dir / "config.json").read_text()), family="gpt2", history=[], extra={})
+    save_checkpoint(run, model, torch.optim.AdamW(model.parameters()), state)
+    assert main(["eval", str(run), "--data", "stdlib-val", "--quiet"]) == 2
+    assert "unfinished run" in capsys.readouterr().err
+    loaded, where = load_source(run, unfinished_runs=True)
+    assert where.checkpoint.name == "step_00000003" and where.run_dir == run and where.model_dir is None
+    finished = workdir / "finished"
+    save_model(model, finished / "final", tokenizer_from=model_dir)
+    where = resolve_source(finished)
+    assert where.model_dir == finished / "final" and where.run_dir == finished

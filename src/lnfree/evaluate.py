@@ -218,17 +218,6 @@ def check_dataset_name(name: str) -> None:
                          "or a local file/folder/token cache")
 
 
-def resolve_model_source(source: str | os.PathLike) -> Path:
-    """A model folder, a run folder (its `final/`), or a hub id → the checkpoint folder to read."""
-    from .models.io import resolve_model_dir
-
-    path = Path(source).expanduser()
-    unfinished = (path / "checkpoints").is_dir() and not (path / "final" / "config.json").is_file()
-    if unfinished and not (path / "config.json").is_file():
-        raise ValueError(f"{path} is a run folder without final/ (unfinished run); evaluate a finished run")
-    return resolve_model_dir(source)
-
-
 def check_compatible(name: str, model: nn.Module, data_name: str, cache: Any, ctx: int) -> None:
     """Refuse, before any compute, a model that cannot read this data or this context."""
     vocab, n_pos = model.config.vocab_size, model_context(model)
@@ -459,6 +448,7 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
              progress: bool = True) -> dict[str, Any]:
     """Load models and datasets by name, check them all, then CE on every dataset and lm-eval benchmarks."""
     from .models import load_model
+    from .models.io import resolve_model_dir
 
     if not data and not tasks:
         raise ValueError("nothing to evaluate: give --data and/or --tasks")
@@ -467,13 +457,13 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     labels = model_labels(sources, names)
     if baseline is not None and baseline not in labels:  # checked now, not after an hour of evaluation
         raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(labels)}")
-    dirs = [resolve_model_source(s) for s in sources]
+    dirs = [resolve_model_dir(s) for s in sources]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"models": {}, "ce": {}, "benchmarks": {}}
     if data:
         tok = pick_tokenizer(dirs, tokenizer)
         models = {label: load_model(d, dtype=torch.float32) for label, d in zip(labels, dirs, strict=True)}
-        reference = load_model(resolve_model_source(kl_reference), dtype=torch.float32) if kl_reference else None
+        reference = load_model(resolve_model_dir(kl_reference), dtype=torch.float32) if kl_reference else None
         caches = {name: load_eval_data(name, tok, cache_root=cache_root, progress=progress) for name in data}
         results = compare(models, caches, ctx=ctx, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype,
                           reference=reference, top_k=top_k, device=device, progress=progress)

@@ -76,17 +76,15 @@ def _load(model_dir_or_model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
             raise ValueError("a model object needs tokenizer= (a folder, hub id or tokenizer object)")
         model = model_dir_or_model
     else:
-        from .evaluate import resolve_model_source
-        from .models import load_model
+        from .models.io import load_source
 
-        folder = resolve_model_source(model_dir_or_model)
-        model = load_model(folder)
-        tokenizer = folder if tokenizer is None else tokenizer
+        model, where = load_source(model_dir_or_model)
+        tokenizer = where.model_dir if tokenizer is None else tokenizer
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = load_tokenizer(Path(tokenizer) if Path(tokenizer).exists() else str(tokenizer))
-    if len(tokenizer) > model.config.vocab_size:
+    if len(tokenizer) > model.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}; use the model's own tokenizer")
+                         f"{model.vocab_size}; use the model's own tokenizer")
     return model, tokenizer
 
 

@@ -14,9 +14,9 @@ from .config import TrainConfig
 from .data import SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
-from .models import load_model, save_model
+from .models import save_model
 from .models.base import LNModel
-from .models.io import resolve_model_dir
+from .models.io import load_source
 from .plots import plot_with_siblings
 from .recipes import describe_training, get_recipe, recipe_schedule
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -77,8 +77,8 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
     """Fine-tune `model_source` on `data`, removing every LN by `preset` (or keeping them: control).
     `show_plan` prints the preset's settings and timeline first."""
     out_dir = Path(out_dir)
-    model_dir = resolve_model_dir(model_source)
-    model = load_model(model_dir)
+    model, where = load_source(model_source)
+    model_dir = where.model_dir
     if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
     tokenizer = load_tokenizer(model_dir)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..models.base import LNModel
 from ..models.gpt2 import GPT2
-from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, resolve_model_dir, save_model
+from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, load_source, save_model
 
 FORMATS = ("hf", "hf-compat")
 # The gate on a reloaded export: max-abs logits, evaluated in float64 from the stored fp32 weights (see
@@ -86,20 +86,11 @@ def as_norm_free(model: LNModel, what: str = "model") -> tuple[GPT2, bool]:
     return model.fold().eval(), True
 
 
-def _run_dir_of(folder: Path) -> Path | None:
-    for cand in (folder, folder.parent):
-        if any((cand / n).is_file() for n in ("run.json", "metrics.jsonl")) or any(cand.glob("eval*.json")):
-            return cand
-    return None
-
-
 def load_any(source: str | os.PathLike) -> tuple[LNModel, Path | None, Path | None]:
-    """(model as stored — live, frozen or folded —, its model folder, its run folder) for any source."""
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and not (path / "final" / "config.json").is_file():
-        return _from_run_checkpoint(path), None, path
-    model_dir = resolve_model_dir(path if path.exists() else str(source))  # a hub id lands in the hub cache
-    return load_model(model_dir), model_dir, _run_dir_of(model_dir)
+    """(model as stored — live, frozen or folded —, its model folder, its run folder) for any source; a run
+    without final/ gives its newest checkpoint."""
+    model, where = load_source(source, unfinished_runs=True)
+    return model, where.model_dir, where.run_dir
 
 
 def load_norm_free(source: str | os.PathLike) -> Source:
@@ -107,20 +98,6 @@ def load_norm_free(source: str | os.PathLike) -> Source:
     model, model_dir, run_dir = load_any(source)
     folded, did_fold = as_norm_free(model, str(source))
     return Source(folded, str(source), model_dir, run_dir, did_fold)
-
-
-def _from_run_checkpoint(run_dir: Path) -> LNModel:
-    try:
-        from ..checkpoint import latest_checkpoint, load_checkpoint
-    except ImportError:  # pragma: no cover - run checkpoints arrive with the training loop
-        latest_checkpoint = load_checkpoint = None
-    ckpt = latest_checkpoint(run_dir) if latest_checkpoint else None
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir} has no config.json, no final/ model and no run checkpoint; "
-                                "point at a model folder or an `lnfree remove` run folder")
-    with torch.random.fork_rng(devices=[]):  # loading a run checkpoint restores RNG state; keep ours
-        model, _ = load_checkpoint(ckpt)
-    return model
 
 
 def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -> tuple[GPT2, Any]:

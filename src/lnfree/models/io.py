@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,16 +37,36 @@ def family_of(hf_config: dict) -> Family:
     raise ValueError(f"unsupported model architecture {found}; supported: {', '.join(supported)}")
 
 
-def resolve_model_dir(source: str | os.PathLike) -> Path:
-    """A local checkpoint folder, a finished `lnfree remove`/`pretrain` run folder (its `final/`), or a hub id
-    fetched into the local hub cache."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model named on the command line lives. Exactly one of `model_dir` (a transformers checkpoint
+    folder) and `checkpoint` (the newest checkpoint of a run that has no final/ yet) is set."""
+
+    name: str
+    model_dir: Path | None
+    run_dir: Path | None  # the `lnfree remove` / `pretrain` run folder it belongs to, if any
+    checkpoint: Path | None = None
+
+
+def resolve_source(source: str | os.PathLike, *, unfinished_runs: bool = False) -> ModelSource:
+    """The one model-source resolver: a checkpoint folder, a run folder (its final/; with `unfinished_runs`,
+    its newest checkpoint when there is no final/ yet), or a hub id fetched into the local hub cache."""
     path = Path(source).expanduser()
     if (path / "final" / "config.json").is_file():
-        return path / "final"
+        return ModelSource(str(source), path / "final", path)
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; point at a transformers checkpoint folder")
-        return path
+        if (path / "config.json").is_file():
+            return ModelSource(str(source), path, _run_dir_of(path))
+        if (path / "checkpoints").is_dir():
+            from ..checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(path)
+            if not unfinished_runs:
+                raise ValueError(f"{path} is a run folder without final/ (unfinished run); give a finished run")
+            if ckpt is not None:
+                return ModelSource(str(source), None, path, ckpt)
+        raise FileNotFoundError(f"{path} has no config.json, no final/ model and no run checkpoint; point at a "
+                                "transformers checkpoint folder or an `lnfree remove` run folder")
     if str(source).count("/") > 1 or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such model folder: {source}")
     try:
@@ -53,10 +74,36 @@ def resolve_model_dir(source: str | os.PathLike) -> Path:
 
         patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model.bin",
                     "generation_config.json", *TOKENIZER_FILES]
-        return Path(snapshot_download(str(source), allow_patterns=patterns))
+        return ModelSource(str(source), Path(snapshot_download(str(source), allow_patterns=patterns)), None)
     except Exception as e:  # offline, unknown repo, gated …
         raise FileNotFoundError(f"cannot fetch model {source!r} from the hub ({type(e).__name__}); "
                                 "give a local checkpoint folder instead") from None
+
+
+def resolve_model_dir(source: str | os.PathLike) -> Path:
+    """The transformers checkpoint folder of a source (a finished run's final/, a folder, a hub id)."""
+    return resolve_source(source).model_dir
+
+
+def _run_dir_of(folder: Path) -> Path | None:
+    for cand in (folder, folder.parent):
+        if any((cand / n).is_file() for n in ("run.json", "metrics.jsonl")) or any(cand.glob("eval*.json")):
+            return cand
+    return None
+
+
+def load_source(source: str | os.PathLike, *, unfinished_runs: bool = False,
+                dtype: torch.dtype | None = None) -> tuple[LNModel, ModelSource]:
+    """(model as stored — live, frozen or folded —, where it came from) for any source `resolve_source` reads."""
+    where = resolve_source(source, unfinished_runs=unfinished_runs)
+    if where.checkpoint is not None:
+        from ..checkpoint import load_checkpoint
+
+        with torch.random.fork_rng(devices=[]):  # loading a run checkpoint restores RNG state; keep ours
+            model, _ = load_checkpoint(where.checkpoint)
+        model.source = str(source)
+        return (model.to(dtype) if dtype is not None else model), where
+    return load_model(where.model_dir, dtype=dtype), where
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +121,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None) -> LNModel:
     """Any supported `transformers` checkpoint (folder or hub id) → our model with every site live."""
-    folder = resolve_model_dir(source)
+    folder = resolve_source(source).model_dir
     hf_config = json.loads((folder / "config.json").read_text())
     family = family_of(hf_config)
     model = family.from_hf(hf_config, read_state_dict(folder))
