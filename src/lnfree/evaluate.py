@@ -129,6 +129,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def model_context(model: nn.Module) -> int:
+    """Context length of one of our models, or of a transformers model (n_positions / max_position_embeddings)."""
+    if hasattr(model, "norm_sites"):  # an LNModel says it itself
+        return model.context_length
     cfg = model.config
     n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     if n is None:

@@ -39,9 +39,8 @@ class _CausalLMAdapter(nn.Module):
     def __init__(self, model: nn.Module, max_length: int):
         super().__init__()
         self.inner = model
-        cfg = model.config
         # HFLM reads the context length (n_positions) and, for a pad-token fallback, model_type.
-        self.config = SimpleNamespace(n_positions=max_length, vocab_size=cfg.vocab_size,
+        self.config = SimpleNamespace(n_positions=max_length, vocab_size=model.vocab_size,
                                       model_type=getattr(model, "family", "lnfree"), _name_or_path="lnfree")
         self.name_or_path = str(getattr(model, "source", "lnfree"))
 
@@ -54,7 +53,7 @@ class _CausalLMAdapter(nn.Module):
         return next(self.inner.parameters()).dtype
 
     def tie_weights(self) -> None:
-        """HFLM calls this on `transformers` models; our GPT-2 ties by construction."""
+        """HFLM calls this on `transformers` models; ours tie (or not) by construction."""
 
     def forward(self, input_ids: Tensor, **_: Any) -> SimpleNamespace:
         return SimpleNamespace(logits=self.inner(input_ids))
@@ -93,12 +92,10 @@ def make_lm(model_dir_or_model: Any, tokenizer: Any = None, *, batch_size: int =
     """An lm-eval `HFLM` that runs our model (fp32, or bf16 autocast via HFLM's mixed precision)."""
     from lm_eval.models.huggingface import HFLM
 
-    from .evaluate import model_context
-
     model, tokenizer = _load(model_dir_or_model, tokenizer)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    adapter = _CausalLMAdapter(model, max_length or model_context(model))
+    adapter = _CausalLMAdapter(model, max_length or model.context_length)
     with _quiet_lm_eval():
         return HFLM(pretrained=adapter, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                     device=device, mixed_precision_dtype="bfloat16" if dtype == "bf16" else None)

@@ -11,16 +11,18 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..models.io import FAMILIES
+
 if TYPE_CHECKING:
     from .core import ExportResult, Source
 
-_FORMAT_TEXT = {
-    "hf": "`hf` — `LNFreeGPT2LMHeadModel` (model_type `lnfree_gpt2`): GPT-2 with no normalization modules at all "
-          "and an untied `lm_head` with a bias. transformers loads it after `import lnfree` (no remote code).",
-    "hf-compat": "`hf-compat` — a stock `GPT2LMHeadModel` in the published LN-free convention: every LayerNorm has "
-                 "eps = 1e12 and weight 1e6 (ln_f: 1e6·γ/σ̂ and β), so each LN is a fixed centring. Loads with "
-                 "zero extra code; use it in fp32 or bf16 (fp16 overflows the 1e6 weights).",
-}
+def _format_text(fmt: str, hf_class: str, compat_class: str) -> str:
+    if fmt == "hf":
+        return (f"`hf` — `{hf_class}`: the model with no normalization modules at all and an untied `lm_head` with "
+                "a bias. transformers loads it after `import lnfree` (no remote code).")
+    return (f"`hf-compat` — a stock `{compat_class}` in the published LN-free convention: every norm has eps = 1e12 "
+            "and weight 1e6 (the final norm: 1e6·γ/σ̂ and β), so each is a fixed centring. Loads with zero extra "
+            "code; use it in fp32 or bf16 (fp16 overflows the 1e6 weights).")
 
 
 def _read_json(path: Path) -> Any:
@@ -89,8 +91,8 @@ def _eval_section(run_dir: Path | None) -> str:
     return "\n\n".join(["## Evaluation", *tables])
 
 
-def _loading_section(fmt: str) -> str:
-    hf_load = ("import lnfree  # registers LNFreeGPT2LMHeadModel with transformers\n" if fmt == "hf" else "")
+def _loading_section(fmt: str, hf_class: str) -> str:
+    hf_load = (f"import lnfree  # registers {hf_class} with transformers\n" if fmt == "hf" else "")
     return f"""## Loading
 
 transformers:
@@ -119,24 +121,25 @@ Check it: `lnfree verify MODEL_DIR` (no live normalization, exact direct logit a
 
 
 def render_card(src: Source, result: ExportResult) -> str:
-    cfg = src.model.config
     parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
     parity += "; in float32: " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
-    arch = [("layers", cfg.n_layer), ("d_model", cfg.n_embd), ("heads", cfg.n_head), ("d_mlp", cfg.d_mlp),
-            ("vocab", cfg.vocab_size), ("context", cfg.n_positions), ("activation", cfg.activation_function)]
+    arch = src.model.architecture_rows()
+    family = FAMILIES[src.model.family]
+    classes = (family.hf().HF_CLASS, family.hf().COMPAT_CLASS)
+    display = dict(arch).get("family", family.name)
     return "\n\n".join([
-        "---\nlibrary_name: transformers\ntags:\n- lnfree\n- layernorm-free\n- gpt2\n---",
-        "# LayerNorm-free GPT-2",
+        f"---\nlibrary_name: transformers\ntags:\n- lnfree\n- layernorm-free\n- {family.name}\n---",
+        f"# LayerNorm-free {display}",
         f"Exported by `lnfree export` from `{src.name}`"
         + (" (frozen norm sites folded into the weights)." if src.folded_here else "."),
         "The model has no normalization: the residual stream is read by linear maps only, so direct logit "
         "attribution is exact (logits = Σ components · W_U + b_U).",
-        f"Format: {_FORMAT_TEXT[result.format]}",
+        f"Format: {_format_text(result.format, *classes)}",
         f"Reload parity (max-abs logits vs the source, evaluated in float64 from the stored weights): {parity}.",
         "## Architecture\n\n" + _table(arch),
         _training_section(src.run_dir),
         _eval_section(src.run_dir),
-        _loading_section(result.format),
+        _loading_section(result.format, classes[0]),
     ]) + "\n"
 
 

@@ -45,82 +45,15 @@ evaluated in fp32; the exports are loaded with `AutoModelForCausalLM.from_pretra
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
-import torch
-from torch import Tensor
-from transformers import GPT2Config, GPT2LMHeadModel
-
-from ..models.gpt2 import GPT2
+from ..method.fold import COMPAT_EPS, HeadNotTiedError, untie_head
+from ..models.base import LNModel
+from ..models.io import FAMILIES
 
 __all__ = ["COMPAT_EPS", "HeadNotTiedError", "to_compat_hf", "untie_head"]
 
-COMPAT_EPS = 1e12  # the published convention; LN weights are sqrt(COMPAT_EPS) = 1e6
-# Largest relative reconstruction residual of the tied head that we still call exact (fp32 rounding of the
-# fold itself is ~1e-7 relative).
-_TIE_RTOL = 1e-5
 
-
-class HeadNotTiedError(ValueError):
-    """The folded lm_head is not wte · diag(g) · C (+ wte · β): a tied GPT-2 cannot express it."""
-
-
-@torch.no_grad()
-def untie_head(wte: Tensor, w_u: Tensor, b_u: Tensor) -> tuple[Tensor, Tensor, float]:
-    """Recover the final norm's folded gain g (D,) and bias β (D,) from wte (V, D), W_U' (V, D), b_U (V,).
-
-    Solves min_g ||wte diag(g) C − W_U'||_F (normal equations A g = r with A = diag(‖w_j‖²) − wteᵀwte / D,
-    r_j = w_jᵀ W_U'[:, j]) and β = argmin ||wte β − b_U||, all in float64. Returns (g, β, relative residual).
-    """
-    E, W, b = wte.double(), w_u.double(), b_u.double()  # (V, D), (V, D), (V,)
-    D = E.shape[1]
-    gram = E.T @ E  # (D, D)
-    A = torch.diag(torch.diagonal(gram)) - gram / D
-    r = (E * W).sum(0)  # (D,)
-    g = torch.linalg.solve(A, r)
-    beta = torch.linalg.lstsq(E, b.unsqueeze(1)).solution.squeeze(1)  # (D,)
-    M = E * g
-    rebuilt = M - M.mean(dim=1, keepdim=True)  # wte diag(g) C
-    scale = W.abs().max().clamp_min(1e-30)
-    residual = max((rebuilt - W).abs().max().item() / scale.item(),
-                   (E @ beta - b).abs().max().item() / b.abs().max().clamp_min(scale).item())
-    return g, beta, residual
-
-
-@torch.no_grad()
-def to_compat_hf(model: GPT2, eps: float = COMPAT_EPS) -> GPT2LMHeadModel:
-    """Folded GPT-2 → a stock `GPT2LMHeadModel` (tied head, every LN eps=1e12 / weight 1e6), fp32, eval.
-
-    Raises HeadNotTiedError when the folded head cannot be expressed through the tied embedding.
-    """
-    if model.has_normalization:
-        raise ValueError("hf-compat export needs a norm-free (folded) model; call model.fold() first")
-    cfg = model.config
-    g, beta, residual = untie_head(model.wte.weight, model.lm_head.weight, model.lm_head.bias)
-    if not residual <= _TIE_RTOL:
-        raise HeadNotTiedError(f"hf-compat needs the lm_head to be the folded tied embedding (wte·diag(g)·C); "
-                               f"this head differs from that by {residual:.1e} (relative), so a GPT-2 with a "
-                               "tied head cannot express it; use --format hf")
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
-                        activation_function=cfg.activation_function, layer_norm_epsilon=eps,
-                        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
-    hf_cfg.architectures = ["GPT2LMHeadModel"]
-    out = GPT2LMHeadModel(hf_cfg).eval()
-    unit = math.sqrt(eps)  # LN weight that cancels the 1/sqrt(eps) divisor
-    t = out.transformer
-    t.wte.weight.copy_(model.wte.weight)
-    t.wpe.weight.copy_(model.wpe.weight)
-    for src, dst in zip(model.h, t.h, strict=True):
-        for ln in (dst.ln_1, dst.ln_2):
-            ln.weight.fill_(unit)
-            ln.bias.zero_()
-        # nn.Linear (out, in) → Conv1D (in, out)
-        for a, b in ((src.attn.c_attn, dst.attn.c_attn), (src.attn.c_proj, dst.attn.c_proj),
-                     (src.mlp.c_fc, dst.mlp.c_fc), (src.mlp.c_proj, dst.mlp.c_proj)):
-            b.weight.copy_(a.weight.t())
-            b.bias.copy_(a.bias)
-    t.ln_f.weight.copy_((g * unit).to(t.ln_f.weight.dtype))
-    t.ln_f.bias.copy_(beta.to(t.ln_f.bias.dtype))
-    return out
+def to_compat_hf(model: LNModel, eps: float = COMPAT_EPS) -> Any:
+    """A folded model → its family's stock transformers class in the eps=1e12 convention (fp32, eval)."""
+    return FAMILIES[model.family].hf().to_compat_hf(model, eps)

@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import LNModel
-from ..models.gpt2 import GPT2
-from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, load_source, save_model
+from ..models.io import FAMILIES, TOKENIZER_FILES, copy_tokenizer_files, load_model, load_source, save_model
 
 FORMATS = ("hf", "hf-compat")
 # The gate on a reloaded export: max-abs logits, evaluated in float64 from the stored fp32 weights (see
@@ -49,7 +48,7 @@ class ParityError(ValueError):
 class Source:
     """A norm-free model and where it came from (for tokenizer files and the model card)."""
 
-    model: GPT2
+    model: LNModel
     name: str  # as given by the user
     model_dir: Path | None  # folder holding config.json and tokenizer files (None for a run checkpoint)
     run_dir: Path | None  # `lnfree remove` run folder (run.json, metrics.jsonl, eval*.json), if any
@@ -69,13 +68,11 @@ class ExportResult:
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
-def as_norm_free(model: LNModel, what: str = "model") -> tuple[GPT2, bool]:
+def as_norm_free(model: LNModel, what: str = "model") -> tuple[LNModel, bool]:
     """The norm-free twin of `model` (folded if all its sites are frozen without specials), and whether it folded.
 
     Raises a one-line ValueError when normalization is still live.
     """
-    if model.family != "gpt2":
-        raise ValueError(f"{what}: exports support the GPT-2 family only, got {model.family!r}")
     if not model.has_normalization:
         return model.eval(), False
     try:
@@ -100,7 +97,7 @@ def load_norm_free(source: str | os.PathLike) -> Source:
     return Source(folded, str(source), model_dir, run_dir, did_fold)
 
 
-def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -> tuple[GPT2, Any]:
+def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -> tuple[LNModel, Any]:
     """(norm-free GPT-2, tokenizer) from a model object (folded here if needed) or anything `load_norm_free` reads.
 
     The tokenizer is `tokenizer` itself, or loaded from `tokenizer` when it is a folder or hub id, or from the
@@ -125,14 +122,13 @@ def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -
 
 
 # ---- parity -------------------------------------------------------------------------------------------------
-def sample_batches(model: GPT2, seed: int = 0) -> list[Tensor]:
+def sample_batches(model: LNModel, seed: int = 0) -> list[Tensor]:
     """Token batches for parity checks: short random ones with EOT sprinkled in, and one full-context row."""
-    cfg = model.config
     g = torch.Generator().manual_seed(seed)
-    eot = cfg.eos_token_id if cfg.eos_token_id is not None and cfg.eos_token_id < cfg.vocab_size else None
+    eot = next((i for i in model.eos_token_ids if i < model.vocab_size), None)
     batches = []
-    for batch, seq in ((4, min(32, cfg.n_positions)), (1, min(cfg.n_positions, 256))):
-        idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    for batch, seq in ((4, min(32, model.context_length)), (1, min(model.context_length, 256))):
+        idx = torch.randint(0, model.vocab_size, (batch, seq), generator=g)
         if eot is not None:
             idx[:, 5::9] = eot
         batches.append(idx)
@@ -166,7 +162,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def reload_parity(folder: Path, fmt: str, reference: GPT2) -> tuple[dict[str, float], dict[str, float]]:
+def reload_parity(folder: Path, fmt: str, reference: LNModel) -> tuple[dict[str, float], dict[str, float]]:
     """Reload a written export the way users will (transformers Auto classes, and lnfree's loader) and compare.
 
     Returns (float64 errors — the gate —, float32 errors — for information). Both sides are evaluated from
@@ -177,12 +173,13 @@ def reload_parity(folder: Path, fmt: str, reference: GPT2) -> tuple[dict[str, fl
     """
     from transformers import AutoModelForCausalLM
 
-    from . import hf  # noqa: F401  (registers lnfree_gpt2 with the Auto classes)
+    from . import hf  # noqa: F401  (registers every family's norm-free class with the Auto classes)
 
     batches = sample_batches(reference)
     with quiet_transformers():
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
-    expected = "LNFreeGPT2LMHeadModel" if fmt == "hf" else "GPT2LMHeadModel"
+    family = FAMILIES[reference.family].hf()
+    expected = family.HF_CLASS if fmt == "hf" else family.COMPAT_CLASS
     if type(loaded).__name__ != expected:
         raise ParityError(f"{fmt} export reloads as {type(loaded).__name__}, expected {expected}")
     ours = as_norm_free(load_model(folder, dtype=torch.float64), f"reloaded {fmt} export")[0]
@@ -197,7 +194,7 @@ def reload_parity(folder: Path, fmt: str, reference: GPT2) -> tuple[dict[str, fl
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-def write_format(model: GPT2, folder: Path, fmt: str) -> None:
+def write_format(model: LNModel, folder: Path, fmt: str) -> None:
     """Write `model` into the (existing, empty) folder in one export format."""
     if fmt == "hf":
         save_model(model, folder)  # config + safetensors in the LNFreeGPT2LMHeadModel layout

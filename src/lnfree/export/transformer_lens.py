@@ -31,6 +31,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ..models.base import LNModel
+from ..models.io import FAMILIES
 from .core import resolve
 from .hf import to_hf_model
 
@@ -52,16 +53,17 @@ def to_transformer_lens(model_or_path: LNModel | str | os.PathLike, tokenizer: A
     from transformer_lens.model_bridge.generalized_components import NormalizationBridge
 
     model, tok = resolve(model_or_path, tokenizer)
+    family = FAMILIES[model.family].hf()
     hf_model = to_hf_model(model).to(device)  # boot rewires this object in place: always a fresh one
     name = str(model_or_path) if not isinstance(model_or_path, LNModel) else getattr(model_or_path, "source",
-                                                                                      "lnfree-gpt2")
+                                                                                      "lnfree-model")
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tok, device=device,
-        hf_config_overrides={"original_architecture": "GPT2LMHeadModel"})
+        hf_config_overrides={"original_architecture": family.TL_ARCHITECTURE})
     norms = [m for m in bridge.modules() if isinstance(m, NormalizationBridge)]
-    if len(norms) != 2 * model.config.n_layer + 1:
-        raise RuntimeError(f"expected {2 * model.config.n_layer + 1} norm bridges, found {len(norms)}; "
-                           "TransformerLens' GPT-2 adapter changed")
+    if len(norms) != family.tl_norm_count(model):
+        raise RuntimeError(f"expected {family.tl_norm_count(model)} norm bridges, found {len(norms)}; "
+                           f"TransformerLens' {family.TL_ARCHITECTURE} adapter changed")
     for norm in norms:
         norm.use_native_layernorm_autograd = True  # call our nn.Identity instead of recomputing a LayerNorm
     bridge.cfg.normalization_type = None  # nothing to centre or scale in apply_ln_to_stack

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import LNModel
-from ..models.gpt2 import GPT2
 from .core import FORMATS, PARITY_TOL, as_norm_free, load_any, reload_parity, sample_batches, write_format
 
 DLA_REL_TOL = 1e-4  # Σ|DLA − DE| / Σ|DE|; float rounding of a norm-free model gives ~1e-7
@@ -100,37 +99,20 @@ def normalization_modules(model: nn.Module) -> list[str]:
 
 
 # ---- (b) direct logit attribution --------------------------------------------------------------------------
-def _components(model: GPT2, cache: dict[str, Tensor]) -> tuple[list[str], Tensor]:
-    """Everything written to the residual stream, (N, B, T, D): embeds, each head, each MLP, summed biases."""
-    cfg = model.config
-    H, dh, D = cfg.n_head, cfg.d_head, cfg.n_embd
-    names, parts = ["embed", "pos_embed"], [cache["hook_embed"], cache["hook_pos_embed"]]
-    bias = torch.zeros(D, dtype=parts[0].dtype, device=parts[0].device)
-    for layer, block in enumerate(model.h):
-        z = cache[f"blocks.{layer}.attn.hook_z"]  # (B, T, H, dh)
-        w_o = block.attn.c_proj.weight.view(D, H, dh)  # (D, H·dh) → (D, H, dh)
-        parts += list(torch.einsum("bthd,mhd->hbtm", z, w_o))  # H × (B, T, D)
-        names += [f"L{layer}H{h}" for h in range(H)]
-        parts.append(cache[f"blocks.{layer}.hook_mlp_out"])
-        names.append(f"L{layer}MLP")
-        bias = bias + block.attn.c_proj.bias
-    parts.append(bias.expand_as(parts[0]))
-    names.append("attn_biases")
-    return names, torch.stack(parts)
-
-
 def _centred(x: Tensor) -> Tensor:
     return x - x.mean(-1, keepdim=True)
 
 
-def _read_out(model: GPT2, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor],
-                                                   Callable[[Tensor], Tensor]]:
+def _read_out(model: LNModel, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor],
+                                                      Callable[[Tensor], Tensor]]:
     """(W_U (V, D), b_U (V,), linear read-out used for attribution, the model's true final map before W_U)."""
-    if model.ln_f is None:  # norm-free: the read-out is linear and exact
-        return model.lm_head.weight, model.lm_head.bias, (lambda x: x), (lambda x: x)
+    w_u, b_u, ln = model.unembedding()
+    b_u = torch.zeros(w_u.shape[0], dtype=w_u.dtype, device=w_u.device) if b_u is None else b_u
+    if ln is None:  # norm-free: the read-out is linear and exact
+        return w_u, b_u, (lambda x: x), (lambda x: x)
     # LN model: γ and β go into W_U / b_U; the per-token scale is replaced by its batch mean for attribution
-    ln, site = model.ln_f, model.ln_f.sites[0]
-    w_u, b_u = model.wte.weight * ln.weight, model.wte.weight @ ln.bias
+    site = ln.sites[0]
+    w_u, b_u = w_u * ln.weight, w_u @ ln.bias + b_u
     scale = ln.input_std(resid).mean()
 
     def final(x: Tensor) -> Tensor:
@@ -141,14 +123,14 @@ def _read_out(model: GPT2, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[Ten
 
 
 @torch.no_grad()
-def dla_errors(model: GPT2, batches: list[Tensor]) -> tuple[float, float]:
+def dla_errors(model: LNModel, batches: list[Tensor]) -> tuple[float, float]:
     """(max-abs error of the linear logit decomposition, relative DLA-vs-direct-effect error)."""
     max_abs, num, den = 0.0, 0.0, 0.0
     for idx in batches:
         cache: dict[str, Tensor] = {}
         logits = model(idx, cache=cache)  # (B, T, V)
-        _, comps = _components(model, cache)  # (N, B, T, D)
-        resid = cache[f"blocks.{model.config.n_layer - 1}.hook_resid_post"]  # (B, T, D)
+        _, comps = model.residual_components(cache)  # (N, B, T, D)
+        resid = cache[f"blocks.{model.n_layers - 1}.hook_resid_post"]  # (B, T, D)
         w_u, b_u, readout, final = _read_out(model, resid)
         attributed = readout(comps)  # (N, B, T, D)
         decomposed = torch.einsum("nbtd,vd->btv", attributed, w_u) + b_u
@@ -162,7 +144,7 @@ def dla_errors(model: GPT2, batches: list[Tensor]) -> tuple[float, float]:
 
 
 # ---- (c) exports ----------------------------------------------------------------------------------------------
-def export_parity(model: GPT2) -> dict[str, float | str]:
+def export_parity(model: LNModel) -> dict[str, float | str]:
     """Write every format into a temporary folder, reload it, return max-abs logit errors (or why not)."""
     from .compat import HeadNotTiedError
 

@@ -26,3 +26,37 @@ def fold_layernorm_into_linear(
     if bias is not None:
         b64 = b64 + bias.double()
     return w64.to(weight.dtype), b64.to(weight.dtype)
+
+
+# The published LN-free checkpoints' convention (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*): every norm
+# keeps its module with eps = 1e12 and gain sqrt(eps) = 1e6, so that it only centres (see export/compat.py).
+COMPAT_EPS = 1e12
+# Largest relative reconstruction residual of a tied head that we still call exact (fp32 rounding of the fold
+# itself is ~1e-7 relative).
+TIE_RTOL = 1e-5
+
+
+class HeadNotTiedError(ValueError):
+    """The folded lm_head is not wte · diag(g) · C (+ wte · β): a tied GPT-2 cannot express it."""
+
+
+@torch.no_grad()
+def untie_head(wte: Tensor, w_u: Tensor, b_u: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Recover the final norm's folded gain g (D,) and bias β (D,) from wte (V, D), W_U' (V, D), b_U (V,).
+
+    Solves min_g ||wte diag(g) C − W_U'||_F (normal equations A g = r with A = diag(‖w_j‖²) − wteᵀwte / D,
+    r_j = w_jᵀ W_U'[:, j]) and β = argmin ||wte β − b_U||, all in float64. Returns (g, β, relative residual).
+    """
+    E, W, b = wte.double(), w_u.double(), b_u.double()  # (V, D), (V, D), (V,)
+    D = E.shape[1]
+    gram = E.T @ E  # (D, D)
+    A = torch.diag(torch.diagonal(gram)) - gram / D
+    r = (E * W).sum(0)  # (D,)
+    g = torch.linalg.solve(A, r)
+    beta = torch.linalg.lstsq(E, b.unsqueeze(1)).solution.squeeze(1)  # (D,)
+    M = E * g
+    rebuilt = M - M.mean(dim=1, keepdim=True)  # wte diag(g) C
+    scale = W.abs().max().clamp_min(1e-30)
+    residual = max((rebuilt - W).abs().max().item() / scale.item(),
+                   (E @ beta - b).abs().max().item() / b.abs().max().clamp_min(scale).item())
+    return g, beta, residual

@@ -12,11 +12,15 @@ The method (schedule, calibration, training) talks to models only through this f
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..method.schedule import SiteSpec
 from ..method.sigma import SigmaRule
@@ -79,6 +83,13 @@ class LNModel(nn.Module):
             layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.paths))
                                    if per_call else None)
 
+    def run_block(self, block: nn.Module, *args: Any, cache: dict | None = None) -> Any:
+        """Call a transformer block, recomputing it in backward when `gradient_checkpointing` is on (training
+        forwards without an activation cache only). Families run every block through this."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            return checkpoint(block, *args, None, use_reentrant=False)
+        return block(*args, cache)
+
     def ema_step(self, momentum: float) -> None:
         """Fold the collected std into σ̂ at every tracked site (once per optimizer step, "step" rule)."""
         for layer in self.norm_layers():
@@ -112,6 +123,19 @@ class LNModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
+        raise NotImplementedError
+
+    def residual_components(self, cache: dict[str, Tensor]) -> tuple[list[str], Tensor]:
+        """(names, (N, B, T, D)): every write to the final residual stream (`blocks.{n−1}.hook_resid_post`),
+        from a `forward(cache=…)` — they sum to it exactly. Direct logit attribution reads these."""
+        raise NotImplementedError
+
+    def unembedding(self) -> tuple[Tensor, Tensor | None, RemovableLayerNorm | None]:
+        """(W_U (V, D), b_U (V,) or None, the final norm layer or None once folded)."""
+        raise NotImplementedError
+
+    def architecture_rows(self) -> list[tuple[str, object]]:
+        """(name, value) rows describing the architecture, for model cards."""
         raise NotImplementedError
 
     def fold(self) -> LNModel:
@@ -153,3 +177,11 @@ class Family:
     build: Callable[[dict], LNModel]
     # model -> its hf config dict
     config_dict: Callable[[LNModel], dict]
+    # the module (imported on demand: it imports transformers' modelling code) that defines the family's
+    # norm-free transformers class and registers it with the Auto classes, and provides HF_CLASS / COMPAT_CLASS
+    # (what the `hf` / `hf-compat` exports reload as), to_hf_model(model), to_compat_hf(model, eps),
+    # TL_ARCHITECTURE and tl_norm_count(model) (TransformerLens' adapter and its norm bridges)
+    hf_module: str
+
+    def hf(self) -> ModuleType:
+        return importlib.import_module(self.hf_module)

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..method.fold import fold_layernorm_into_linear
 from ..method.schedule import SiteSpec, standard_layout
@@ -162,10 +161,7 @@ class GPT2(LNModel):
         if cache is not None:
             cache.update({"hook_embed": embed, "hook_pos_embed": pos_embed.expand(B, T, -1)})
         for block in self.h:
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, eot_mask, None, use_reentrant=False)  # recompute in backward
-            else:
-                x = block(x, eot_mask, cache)
+            x = self.run_block(block, x, eot_mask, cache=cache)
         if self.ln_f is not None:
             final = self.ln_f(x, eot_mask)[0]
             logits = F.linear(final, self.wte.weight)  # (B, T, V)
@@ -178,6 +174,37 @@ class GPT2(LNModel):
             std = self.ln_f.input_std(x) if self.ln_f is not None else x.std(-1, correction=0)
             return logits, std
         return logits
+
+    def residual_components(self, cache: dict[str, Tensor]) -> tuple[list[str], Tensor]:
+        """Everything written to the final residual stream, (N, B, T, D), from a `forward(cache=…)`: both
+        embeddings, each head (z · W_O), each MLP, and the attention output biases summed."""
+        cfg = self.config
+        H, dh, D = cfg.n_head, cfg.d_head, cfg.n_embd
+        names, parts = ["embed", "pos_embed"], [cache["hook_embed"], cache["hook_pos_embed"]]
+        bias = torch.zeros(D, dtype=parts[0].dtype, device=parts[0].device)
+        for layer, block in enumerate(self.h):
+            z = cache[f"blocks.{layer}.attn.hook_z"]  # (B, T, H, dh)
+            w_o = block.attn.c_proj.weight.view(D, H, dh)  # (D, H·dh) → (D, H, dh)
+            parts += list(torch.einsum("bthd,mhd->hbtm", z, w_o))  # H × (B, T, D)
+            names += [f"L{layer}H{h}" for h in range(H)]
+            parts.append(cache[f"blocks.{layer}.hook_mlp_out"])
+            names.append(f"L{layer}MLP")
+            bias = bias + block.attn.c_proj.bias
+        parts.append(bias.expand_as(parts[0]))
+        names.append("attn_biases")
+        return names, torch.stack(parts)
+
+    def unembedding(self) -> tuple[Tensor, Tensor | None, RemovableLayerNorm | None]:
+        """(W_U (V, D), b_U (V,) or None, the final norm or None): logits = W_U · final_norm(x) + b_U."""
+        if self.ln_f is None:
+            return self.lm_head.weight, self.lm_head.bias, None
+        return self.wte.weight, None, self.ln_f
+
+    def architecture_rows(self) -> list[tuple[str, object]]:
+        cfg = self.config
+        return [("family", "GPT-2"), ("layers", cfg.n_layer), ("d_model", cfg.n_embd), ("heads", cfg.n_head),
+                ("d_mlp", cfg.d_mlp), ("vocab", cfg.vocab_size), ("context", cfg.n_positions),
+                ("activation", cfg.activation_function)]
 
     @torch.no_grad()
     def fold(self) -> GPT2:
@@ -308,7 +335,8 @@ def to_hf(model: GPT2) -> tuple[dict, dict[str, Tensor]]:
 
 GPT2_FAMILY = Family(name="gpt2", architectures=("GPT2LMHeadModel", NOLN_ARCHITECTURE),
                      model_types=("gpt2", NOLN_MODEL_TYPE), from_hf=from_hf, to_hf=to_hf,
-                     build=lambda hf: GPT2(config_from_hf(hf)), config_dict=lambda m: config_to_hf(m.config))
+                     build=lambda hf: GPT2(config_from_hf(hf)), config_dict=lambda m: config_to_hf(m.config),
+                     hf_module="lnfree.models.gpt2_hf")
 
 
 def init_weights(model: GPT2, seed: int = 0) -> GPT2:
