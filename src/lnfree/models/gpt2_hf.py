@@ -1,22 +1,11 @@
-"""GPT-2 in `transformers` without normalization: the `hf` and `hf-compat` export classes of the family.
+"""GPT-2 in `transformers` without normalization: the family's classes for the `hf` and `hf-compat` exports.
 
-`LNFreeGPT2LMHeadModel` is transformers' own `GPT2LMHeadModel` with every LayerNorm replaced by `nn.Identity`
-and an untied `lm_head` with a bias (where the folded final norm lives). Subclassing keeps transformers'
-attention, MLP, generation and weight loading; only the three norms and the head differ. Its checkpoint keys
-and Conv1D (in, out) layouts are exactly those `lnfree.models.save_model` writes for a folded model
-(`architectures: ["LNFreeGPT2LMHeadModel"]`, `model_type: "lnfree_gpt2"`), so one file serves both loaders.
-
-Why register the class with `AutoConfig` / `AutoModelForCausalLM` from `import lnfree`:
-  * `trust_remote_code` + `auto_map` would put a modelling file in every checkpoint and execute code from it;
-    the brief (and `lnfree.models.io`) rule that out.
-  * transformers has no plugin entry point for Auto classes, so registration must run in-process.
-  * an explicit `lnfree.export.hf.register()` call is easy to forget, and `from_pretrained` then fails with
-    "model type lnfree_gpt2 not recognised".
-  * registering eagerly inside `lnfree/__init__.py` would import transformers' modelling stack on every
-    `import lnfree` — measured +3.5 s here (`lnfree schedule` 0.12 s → 5 s).
-So `lnfree.export` installs a post-import hook: this module is imported (and registers) as soon as transformers'
-Auto machinery has finished loading, or at once if it already has. After `import lnfree`,
-`AutoModelForCausalLM.from_pretrained(DIR)` just works; nothing transformers-related is imported until needed.
+`LNFreeGPT2LMHeadModel` is transformers' own `GPT2LMHeadModel` with every LayerNorm replaced by `nn.Identity` and
+an untied `lm_head` with a bias (where the folded final norm lives); its checkpoint keys and Conv1D (in, out)
+layouts are exactly those `lnfree.models.save_model` writes for a folded model (`architectures:
+["LNFreeGPT2LMHeadModel"]`, `model_type: "lnfree_gpt2"`). It registers with the Auto classes when this module is
+imported, which `lnfree.export` arranges (see export/hf.py for why registration works that way). `to_compat_hf`
+writes the published eps=1e12 convention into a stock `GPT2LMHeadModel` (see export/compat.py).
 """
 
 from __future__ import annotations
