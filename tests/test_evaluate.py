@@ -15,18 +15,10 @@ import torch.nn.functional as F
 
 from conftest import make_hf_gpt2
 from lnfree.data import SequenceSampler, build_token_cache
-from lnfree.evaluate import (
-    check_compatible,
-    compare,
-    evaluate_ce,
-    format_markdown,
-    load_eval_data,
-    summarize_losses,
-    table_rows,
-    with_table,
-)
+from lnfree.evaluate import check_compatible, compare, evaluate_ce, load_eval_data, summarize_losses
 from lnfree.method.calibrate import calibrate
 from lnfree.models import load_model
+from lnfree.tables import format_markdown, table_rows, with_table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CTX, BATCH = 32, 4

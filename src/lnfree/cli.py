@@ -135,7 +135,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import format_markdown, run_eval, with_table
+    from .evaluate import run_eval
+    from .tables import format_markdown, with_table
 
     split = lambda s: [x.strip() for x in (s or "").split(",") if x.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
