@@ -358,3 +358,48 @@ def test_fold_refuses_live_sites_and_specials(hf_gpt2_dir):
     _freeze_all(model, bos=1.0)
     with pytest.raises(ValueError, match="special"):
         model.fold()
+
+
+# ---- RMSNorm sites (Llama, Qwen) ------------------------------------------------------------------------------
+def _rms_layer(d=12):
+    torch.manual_seed(1)
+    ln = RemovableLayerNorm(d, 1e-6, "blocks.0.ln2", rms=True)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+    return ln
+
+
+def test_rms_site_live_is_transformers_rmsnorm_and_frozen_divides_without_centring():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    ln, x = _rms_layer(), torch.randn(2, 5, 12) * 3 + 1.5  # a non-zero mean: centring would show
+    ref = LlamaRMSNorm(12, eps=1e-6)
+    ref.weight.data.copy_(ln.weight.data)
+    assert ln.bias is None
+    assert torch.allclose(ln(x)[0], ref(x), atol=1e-6)
+    ln.collecting = True
+    ln(x)
+    ln.ema_step(0.0)  # calibration: σ̂ = mean per-token RMS
+    rms = (x.pow(2).mean(-1) + 1e-6).sqrt()
+    site = ln.sites[0]
+    assert site.sigma.item() == pytest.approx(rms[:, 1:].mean().item(), rel=1e-6)
+    ln.collecting = False
+    site.frozen.fill_(True)
+    site.bos_weight.fill_(0.0)
+    site.eot_weight.fill_(0.0)
+    assert torch.allclose(ln(x)[0], x / site.sigma * ln.weight, atol=1e-6)
+
+
+def test_rms_site_folds_into_the_linear_map_that_reads_it():
+    from lnfree.method.fold import fold_layernorm_into_linear
+
+    ln, x = _rms_layer(), torch.randn(2, 5, 12) * 3 + 1.5
+    site = ln.sites[0]
+    site.frozen.fill_(True)
+    site.sigma.fill_(2.7)
+    site.bos_weight.fill_(0.0)
+    site.eot_weight.fill_(0.0)
+    linear = torch.nn.Linear(12, 7)
+    w, b = fold_layernorm_into_linear(ln.weight, None, site.sigma, linear.weight, linear.bias, centre=False)
+    with torch.no_grad():
+        assert torch.allclose(linear(ln(x)[0]), x @ w.T + b, atol=1e-5)

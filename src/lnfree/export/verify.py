@@ -99,10 +99,6 @@ def normalization_modules(model: nn.Module) -> list[str]:
 
 
 # ---- (b) direct logit attribution --------------------------------------------------------------------------
-def _centred(x: Tensor) -> Tensor:
-    return x - x.mean(-1, keepdim=True)
-
-
 def _read_out(model: LNModel, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor],
                                                       Callable[[Tensor], Tensor]]:
     """(W_U (V, D), b_U (V,), linear read-out used for attribution, the model's true final map before W_U)."""
@@ -112,14 +108,14 @@ def _read_out(model: LNModel, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[
         return w_u, b_u, (lambda x: x), (lambda x: x)
     # LN model: γ and β go into W_U / b_U; the per-token scale is replaced by its batch mean for attribution
     site = ln.sites[0]
-    w_u, b_u = w_u * ln.weight, w_u @ ln.bias + b_u
+    w_u, b_u = w_u * ln.weight, (w_u @ ln.bias if ln.bias is not None else 0) + b_u
     scale = ln.input_std(resid).mean()
 
     def final(x: Tensor) -> Tensor:
-        divisor = site.sigma if site.is_frozen else (_centred(x).pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
-        return _centred(x) / divisor
+        divisor = site.sigma if site.is_frozen else ln.input_std(x).unsqueeze(-1)
+        return ln.centred(x) / divisor
 
-    return w_u, b_u, (lambda x: _centred(x) / scale), final
+    return w_u, b_u, (lambda x: ln.centred(x) / scale), final
 
 
 @torch.no_grad()

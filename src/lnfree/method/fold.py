@@ -6,7 +6,8 @@ and the centring matrix C = I − 11ᵀ/D, a linear layer y = LN(x) Wᵀ + b rea
     y = x · C diag(γ/σ̂) Wᵀ + (β Wᵀ + b)
 
 so the LN disappears into new weights W' = (W diag(γ/σ̂)) C and bias b' = b + W β. Right-multiplying by C
-subtracts, from every row of W diag(γ/σ̂), its mean over the input dimension. Done in float64, then cast back.
+subtracts, from every row of W diag(γ/σ̂), its mean over the input dimension. A frozen RMSNorm, x / σ̂ · γ, is the
+same without C and β. Done in float64, then cast back.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from torch import Tensor
 
 @torch.no_grad()
 def fold_layernorm_into_linear(
-    gamma: Tensor, beta: Tensor, sigma: Tensor | float, weight: Tensor, bias: Tensor | None
+    gamma: Tensor, beta: Tensor | None, sigma: Tensor | float, weight: Tensor, bias: Tensor | None,
+    centre: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """weight: (out, in) as in nn.Linear; returns (W', b') with b' always present, in weight's dtype."""
+    """weight: (out, in) as in nn.Linear; returns (W', b') with b' always present, in weight's dtype.
+    `centre=False` folds a frozen RMSNorm, x / σ̂ · γ (no C, no β)."""
     w64 = weight.double() * (gamma.double() / float(sigma))  # (out, in)
-    w64 = w64 - w64.mean(dim=1, keepdim=True)  # · C
-    b64 = weight.double() @ beta.double()  # (out,)
+    if centre:
+        w64 = w64 - w64.mean(dim=1, keepdim=True)  # · C
+    b64 = weight.double() @ beta.double() if beta is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
     if bias is not None:
         b64 = b64 + bias.double()
     return w64.to(weight.dtype), b64.to(weight.dtype)

@@ -119,16 +119,19 @@ class NormSite(nn.Module):
 
 
 class RemovableLayerNorm(nn.Module):
-    """A LayerNorm (γ, β, eps) with one `NormSite` per path; returns one output per path.
+    """A LayerNorm (γ, β, eps) — or, with `rms`, an RMSNorm (γ, eps: no centring, no β; Llama, Qwen) — with one
+    `NormSite` per path; returns one output per path. For an RMSNorm "std" below means the per-token RMS and a
+    frozen site computes x / σ̂ · γ.
 
     Site names follow TransformerLens conventions: `blocks.{i}.ln1.qk`, `blocks.{i}.ln1.v`, `blocks.{i}.ln2`,
     `ln_final`. `paths=("qk", "v")` gives two sites `{prefix}.qk`, `{prefix}.v`; `paths=("",)` one site `{prefix}`.
     """
 
-    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",)):
+    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",), rms: bool = False):
         super().__init__()
+        self.rms = rms
         self.weight = nn.Parameter(torch.ones(d_model))
-        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.bias = None if rms else nn.Parameter(torch.zeros(d_model))
         self.eps = eps
         self.paths = paths
         self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix) for p in paths)
@@ -159,16 +162,18 @@ class RemovableLayerNorm(nn.Module):
             # Measured on the side, without autograd, so the differentiable graph is the same whether or not
             # statistics are collected (activation-checkpoint recomputes must save the same tensors).
             with torch.no_grad():
-                std = x.var(-1, correction=0).add(self.eps).sqrt()  # (B, T)
+                std = self.input_std(x)  # (B, T)
                 for site in tracked:
                     site.accumulate(std, eot_mask, self.rule.positions)
                 if self.call_momentum is not None:
                     self.ema_step(self.call_momentum)
         if not any(s.is_frozen for s in self.sites):
-            # All live: one fused LN shared by every path.
-            y = nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+            # All live: one fused norm shared by every path.
+            shape = (x.shape[-1],)
+            y = (nn.functional.rms_norm(x, shape, self.weight, self.eps) if self.rms
+                 else nn.functional.layer_norm(x, shape, self.weight, self.bias, self.eps))
             return [y] * len(self.sites)
-        centred = x - x.mean(-1, keepdim=True)  # (B, T, D)
+        centred = self.centred(x)  # (B, T, D)
         std = None
         if not all(s.is_frozen for s in self.sites):
             std = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, 1)
@@ -176,14 +181,21 @@ class RemovableLayerNorm(nn.Module):
         outs, live_out = [], None
         for site in self.sites:
             if site.is_frozen:
-                outs.append(centred / site.frozen_divisor(B, T, eot_mask) * self.weight + self.bias)
+                outs.append(self._affine(centred / site.frozen_divisor(B, T, eot_mask)))
                 continue
             if live_out is None:  # live paths share one output
-                live_out = centred / std * self.weight + self.bias
+                live_out = self._affine(centred / std)
             outs.append(live_out)
         return outs
 
+    def centred(self, x: Tensor) -> Tensor:
+        """x minus its per-token mean (LayerNorm), or x itself (RMSNorm)."""
+        return x if self.rms else x - x.mean(-1, keepdim=True)
+
+    def _affine(self, y: Tensor) -> Tensor:
+        return y * self.weight if self.bias is None else y * self.weight + self.bias
+
     def input_std(self, x: Tensor) -> Tensor:
-        """Per-token std of the input, (B, T), with the gradient kept (Baroni's auxiliary loss needs it)."""
-        centred = x - x.mean(-1, keepdim=True)
-        return (centred.pow(2).mean(-1) + self.eps).sqrt()
+        """Per-token std (RMSNorm: RMS) of the input plus eps under the root, (B, T), with the gradient kept
+        (Baroni's auxiliary loss needs it)."""
+        return (self.centred(x).pow(2).mean(-1) + self.eps).sqrt()
