@@ -50,9 +50,14 @@ def test_pytorch_bin_checkpoint_loads(tmp_path):
 
 def test_unsupported_architecture_names_found_and_supported(tmp_path, hf_gpt2_dir):
     cfg = json.loads((hf_gpt2_dir / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (hf_gpt2_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="MambaForCausalLM.*supported: .*GPT2LMHeadModel.*LlamaForCausalLM"):
+        load_model(hf_gpt2_dir)
+    # a config that names a supported architecture but is not one is refused, never built from defaults
     cfg["architectures"] = ["LlamaForCausalLM"]
     (hf_gpt2_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="LlamaForCausalLM.*supported: .*GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match="lacks hidden_size, intermediate_size, num_hidden_layers"):
         load_model(hf_gpt2_dir)
 
 

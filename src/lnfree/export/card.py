@@ -125,7 +125,7 @@ def render_card(src: Source, result: ExportResult) -> str:
     parity += "; in float32: " + ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
     arch = src.model.architecture_rows()
     family = FAMILIES[src.model.family]
-    classes = (family.hf().HF_CLASS, family.hf().COMPAT_CLASS)
+    classes = family.hf().classes(src.model)[:2]
     display = dict(arch).get("family", family.name)
     return "\n\n".join([
         f"---\nlibrary_name: transformers\ntags:\n- lnfree\n- layernorm-free\n- {family.name}\n---",

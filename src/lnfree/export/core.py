@@ -179,7 +179,7 @@ def reload_parity(folder: Path, fmt: str, reference: LNModel) -> tuple[dict[str,
     with quiet_transformers():
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     family = FAMILIES[reference.family].hf()
-    expected = family.HF_CLASS if fmt == "hf" else family.COMPAT_CLASS
+    expected = family.classes(reference)[0 if fmt == "hf" else 1]
     if type(loaded).__name__ != expected:
         raise ParityError(f"{fmt} export reloads as {type(loaded).__name__}, expected {expected}")
     ours = as_norm_free(load_model(folder, dtype=torch.float64), f"reloaded {fmt} export")[0]

@@ -59,11 +59,11 @@ def to_transformer_lens(model_or_path: LNModel | str | os.PathLike, tokenizer: A
                                                                                       "lnfree-model")
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tok, device=device,
-        hf_config_overrides={"original_architecture": family.TL_ARCHITECTURE})
+        hf_config_overrides={"original_architecture": family.classes(model)[2]})
     norms = [m for m in bridge.modules() if isinstance(m, NormalizationBridge)]
     if len(norms) != family.tl_norm_count(model):
         raise RuntimeError(f"expected {family.tl_norm_count(model)} norm bridges, found {len(norms)}; "
-                           f"TransformerLens' {family.TL_ARCHITECTURE} adapter changed")
+                           f"TransformerLens' {family.classes(model)[2]} adapter changed")
     for norm in norms:
         norm.use_native_layernorm_autograd = True  # call our nn.Identity instead of recomputing a LayerNorm
     bridge.cfg.normalization_type = None  # nothing to centre or scale in apply_ln_to_stack

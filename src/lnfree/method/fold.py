@@ -35,6 +35,7 @@ def fold_layernorm_into_linear(
 # The published LN-free checkpoints' convention (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*): every norm
 # keeps its module with eps = 1e12 and gain sqrt(eps) = 1e6, so that it only centres (see export/compat.py).
 COMPAT_EPS = 1e12
+PUBLISHED_NOLN_MIN_EPS = 1e6  # a checkpoint whose norms' eps is at least this is read in that convention
 # Largest relative reconstruction residual of a tied head that we still call exact (fp32 rounding of the fold
 # itself is ~1e-7 relative).
 TIE_RTOL = 1e-5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..method.fold import PUBLISHED_NOLN_MIN_EPS
 from ..method.schedule import SiteSpec
 from ..method.sigma import SigmaRule
 from ..method.sites import NormSite, RemovableLayerNorm
@@ -142,6 +144,23 @@ class LNModel(nn.Module):
         """A norm-free model computing the same function; requires every site frozen with no specials."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def adopt_published_convention(self, eps: float) -> bool:
+        """Read a checkpoint in the published LN-free convention as what it means. The published LN-free models
+        (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*) — and our hf-compat exports — keep their norm modules
+        with eps ≥ 1e6 (1e12) and gains scaled by sqrt(eps): sqrt(var + eps) ≈ sqrt(eps) makes every norm a fixed
+        division. Every site is then frozen at σ̂ = sqrt(eps) without specials, so fold() gives the exact norm-free
+        model; the stored function differs by a relative var/(2·eps) (< 1e-6 for residual std below 1e3).
+        Returns whether it applied."""
+        if eps < PUBLISHED_NOLN_MIN_EPS:
+            return False
+        for site in self.norm_sites().values():
+            site.frozen.fill_(True)
+            site.sigma.fill_(math.sqrt(eps))
+            site.bos_weight.fill_(0.0)
+            site.eot_weight.fill_(0.0)
+        return True
+
     def normalising_sites(self) -> list[str]:
         """Sites whose divisor still depends on the token (`NormSite.normalises`); empty once foldable."""
         return [name for name, site in self.norm_sites().items() if site.normalises]
@@ -178,9 +197,9 @@ class Family:
     # model -> its hf config dict
     config_dict: Callable[[LNModel], dict]
     # the module (imported on demand: it imports transformers' modelling code) that defines the family's
-    # norm-free transformers class and registers it with the Auto classes, and provides HF_CLASS / COMPAT_CLASS
-    # (what the `hf` / `hf-compat` exports reload as), to_hf_model(model), to_compat_hf(model, eps),
-    # TL_ARCHITECTURE and tl_norm_count(model) (TransformerLens' adapter and its norm bridges)
+    # norm-free transformers class(es) and registers them with the Auto classes, and provides classes(model) →
+    # (what the `hf` / `hf-compat` exports reload as, TransformerLens' adapter), to_hf_model(model),
+    # to_compat_hf(model, eps) and tl_norm_count(model) (the norm bridges that adapter creates)
     hf_module: str
 
     def hf(self) -> ModuleType:

@@ -23,6 +23,7 @@ from ..method.fold import fold_layernorm_into_linear
 from ..method.schedule import SiteSpec, standard_layout
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
+from .common import causal_attention, load_checked, pre_norm_block, stack_components
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -74,13 +75,7 @@ class Attention(nn.Module):
             q, k = F.linear(x_qk, w[: 2 * D], b[: 2 * D]).split(D, dim=-1)
             v = F.linear(x_v, w[2 * D :], b[2 * D :])
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
-        p = self.dropout_p if self.training else 0.0
-        z = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, dh)
-        if cache is not None:  # the pattern is only materialised when someone asks to look at it
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-            cache[prefix + "attn.hook_pattern"] = scores.masked_fill(causal, float("-inf")).softmax(-1)
-        return z.transpose(1, 2)  # (B, T, H, dh)
+        return causal_attention(q, k, v, self.dropout_p if self.training else 0.0, cache, prefix)
 
 
 class MLP(nn.Module):
@@ -107,19 +102,9 @@ class Block(nn.Module):
         self.dropout_p = 0.0  # on the attention output in training, as transformers' resid_pdrop
 
     def forward(self, x: Tensor, eot_mask: Tensor | None, cache: dict | None) -> Tensor:  # (B, T, D)
-        x_qk, x_v = self.ln_1(x, eot_mask) if self.ln_1 is not None else (x, x)
-        z = self.attn(x_qk, x_v, cache, f"blocks.{self.i}.")  # (B, T, H, dh)
-        attn_out = F.dropout(self.attn.c_proj(z.flatten(2)), self.dropout_p, self.training)
-        resid_mid = x + attn_out
-        mlp_in = self.ln_2(resid_mid, eot_mask)[0] if self.ln_2 is not None else resid_mid
-        mlp_out = self.mlp(mlp_in)
-        resid_post = resid_mid + mlp_out
-        if cache is not None:
-            p = f"blocks.{self.i}."
-            cache.update({p + "hook_resid_pre": x, p + "attn.hook_z": z, p + "hook_attn_out": attn_out,
-                          p + "hook_resid_mid": resid_mid, p + "hook_mlp_out": mlp_out,
-                          p + "hook_resid_post": resid_post})
-        return resid_post
+        prefix = f"blocks.{self.i}."
+        return pre_norm_block(x, eot_mask, cache, prefix, self.ln_1, lambda a, b: self.attn(a, b, cache, prefix),
+                              self.attn.c_proj, self.ln_2, self.mlp, self.dropout_p if self.training else 0.0)
 
 
 class GPT2(LNModel):
@@ -178,21 +163,8 @@ class GPT2(LNModel):
     def residual_components(self, cache: dict[str, Tensor]) -> tuple[list[str], Tensor]:
         """Everything written to the final residual stream, (N, B, T, D), from a `forward(cache=…)`: both
         embeddings, each head (z · W_O), each MLP, and the attention output biases summed."""
-        cfg = self.config
-        H, dh, D = cfg.n_head, cfg.d_head, cfg.n_embd
-        names, parts = ["embed", "pos_embed"], [cache["hook_embed"], cache["hook_pos_embed"]]
-        bias = torch.zeros(D, dtype=parts[0].dtype, device=parts[0].device)
-        for layer, block in enumerate(self.h):
-            z = cache[f"blocks.{layer}.attn.hook_z"]  # (B, T, H, dh)
-            w_o = block.attn.c_proj.weight.view(D, H, dh)  # (D, H·dh) → (D, H, dh)
-            parts += list(torch.einsum("bthd,mhd->hbtm", z, w_o))  # H × (B, T, D)
-            names += [f"L{layer}H{h}" for h in range(H)]
-            parts.append(cache[f"blocks.{layer}.hook_mlp_out"])
-            names.append(f"L{layer}MLP")
-            bias = bias + block.attn.c_proj.bias
-        parts.append(bias.expand_as(parts[0]))
-        names.append("attn_biases")
-        return names, torch.stack(parts)
+        return stack_components(cache, ["hook_embed", "hook_pos_embed"], [b.attn.c_proj for b in self.h],
+                                self.config.n_head)
 
     def unembedding(self) -> tuple[Tensor, Tensor | None, RemovableLayerNorm | None]:
         """(W_U (V, D), b_U (V,) or None, the final norm or None): logits = W_U · final_norm(x) + b_U."""
@@ -243,6 +215,9 @@ NOLN_ARCHITECTURE, NOLN_MODEL_TYPE = "LNFreeGPT2LMHeadModel", "lnfree_gpt2"
 
 
 def config_from_hf(hf: dict) -> GPT2Config:
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json names a GPT-2 architecture but lacks {', '.join(missing)}")
     for key, bad in _UNSUPPORTED_FLAGS.items():
         if hf.get(key) == bad:
             raise ValueError(f"unsupported GPT-2 variant: config has {key}={bad}; lnfree supports standard GPT-2")
@@ -275,7 +250,6 @@ def _strip_prefix(key: str) -> str:
 def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
     cfg = config_from_hf(hf_config)
     model = GPT2(cfg)
-    ours = model.state_dict()
     loaded = {}
     for key, tensor in state.items():
         k = _strip_prefix(key)
@@ -287,39 +261,11 @@ def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
                 raise ValueError("this GPT-2 has an untied lm_head (tie_word_embeddings=false), which lnfree's "
                                  "GPT-2 with LayerNorm does not support; tie it or export it norm-free")
             continue  # the tied duplicate of wte
-        if k.endswith(_CONV1D):
-            tensor = tensor.t()
-        if k not in ours:
-            raise ValueError(f"unexpected tensor {key!r} in a GPT-2 checkpoint ({cfg.n_layer} layers)")
-        if tensor.shape != ours[k].shape:
-            raise ValueError(f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)}, "
-                             f"config expects {tuple(ours[k].shape)}")
-        loaded[k] = tensor
-    params = {k for k, _ in model.named_parameters()}
-    missing = sorted(params - loaded.keys())
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    model.load_state_dict(loaded, strict=False)  # σ̂ buffers keep their defaults; they are not in HF files
-    if cfg.normalization and cfg.layer_norm_epsilon >= PUBLISHED_NOLN_MIN_EPS:
-        _adopt_published_noln_convention(model)
+        loaded[k] = tensor.t() if k.endswith(_CONV1D) else tensor
+    load_checked(model, loaded, f"GPT-2 ({cfg.n_layer} layers)")
+    if cfg.normalization:
+        model.adopt_published_convention(cfg.layer_norm_epsilon)
     return model
-
-
-# The published LN-free GPT-2s (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*) are plain GPT2LMHeadModels
-# whose LNs have eps = 1e12 and weights scaled by 1e6 (÷σ̂): sqrt(var + eps) ≈ sqrt(eps) makes every LN a fixed
-# division. Such a file is read as what it means — every site frozen at σ̂ = sqrt(eps), no specials — so that
-# fold() gives the exact norm-free model. The stored function differs from that by a relative var/(2·eps)
-# (< 1e-6 for residual std below 1e3).
-PUBLISHED_NOLN_MIN_EPS = 1e6
-
-
-def _adopt_published_noln_convention(model: GPT2) -> None:
-    sigma = math.sqrt(model.config.layer_norm_epsilon)
-    for site in model.norm_sites().values():
-        site.frozen.fill_(True)
-        site.sigma.fill_(sigma)
-        site.bos_weight.fill_(0.0)
-        site.eot_weight.fill_(0.0)
 
 
 def to_hf(model: GPT2) -> tuple[dict, dict[str, Tensor]]:

@@ -19,11 +19,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 from ..method.fold import COMPAT_EPS, TIE_RTOL, HeadNotTiedError, untie_head
 from .gpt2 import GPT2, NOLN_ARCHITECTURE, NOLN_MODEL_TYPE, to_hf
 
-__all__ = ["HF_CLASS", "COMPAT_CLASS", "LNFreeGPT2Config", "LNFreeGPT2LMHeadModel", "register", "to_hf_model",
-           "to_compat_hf", "tl_norm_count"]
+__all__ = ["LNFreeGPT2Config", "LNFreeGPT2LMHeadModel", "classes", "register", "to_hf_model", "to_compat_hf",
+           "tl_norm_count"]
 
-HF_CLASS, COMPAT_CLASS = NOLN_ARCHITECTURE, "GPT2LMHeadModel"  # what each export format reloads as
-TL_ARCHITECTURE = "GPT2LMHeadModel"  # the TransformerLens adapter that reads HF_CLASS's module tree
+
+def classes(model: GPT2) -> tuple[str, str, str]:
+    """(what the `hf` export reloads as, what `hf-compat` reloads as, the TransformerLens adapter to boot)."""
+    return NOLN_ARCHITECTURE, "GPT2LMHeadModel", "GPT2LMHeadModel"
 
 
 class LNFreeGPT2Config(GPT2Config):

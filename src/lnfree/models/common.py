@@ -1,0 +1,84 @@
+"""Pieces every decoder family shares: causal attention with its (optional) pattern, the pre-norm block with
+TransformerLens hook names, the residual-stream components for attribution, and checked state-dict loading.
+A family module composes these; what differs (projections, positions, MLP, checkpoint layout) stays there."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..method.sites import RemovableLayerNorm
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, cache: dict | None, prefix: str) -> Tensor:
+    """q, k, v: (B, H, T, dh) → z: (B, T, H, dh). The attention pattern is only materialised when someone asks
+    to look at it (cache given), under `{prefix}attn.hook_pattern`."""
+    z = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, H, T, dh)
+    if cache is not None:
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        cache[prefix + "attn.hook_pattern"] = scores.masked_fill(causal, float("-inf")).softmax(-1)
+    return z.transpose(1, 2)
+
+
+def pre_norm_block(x: Tensor, eot_mask: Tensor | None, cache: dict | None, prefix: str,
+                   ln1: RemovableLayerNorm | None, attend: Callable[[Tensor, Tensor], Tensor], out_proj: nn.Module,
+                   ln2: RemovableLayerNorm | None, mlp: nn.Module, out_dropout: float = 0.0) -> Tensor:
+    """x + attn(ln1(x)), then + mlp(ln2(·)); ln_1 feeds Q/K and V from its two paths (the same tensor once
+    folded). `attend(x_qk, x_v)` returns z (B, T, H, dh); `out_dropout` drops the attention output (callers pass
+    0 outside training).
+    Fills the cache with TransformerLens names: hook_resid_pre, attn.hook_z, hook_attn_out, hook_resid_mid,
+    hook_mlp_out, hook_resid_post."""
+    x_qk, x_v = ln1(x, eot_mask) if ln1 is not None else (x, x)
+    z = attend(x_qk, x_v)  # (B, T, H, dh)
+    attn_out = F.dropout(out_proj(z.flatten(2)), out_dropout, out_dropout > 0)
+    resid_mid = x + attn_out
+    mlp_out = mlp(ln2(resid_mid, eot_mask)[0] if ln2 is not None else resid_mid)
+    resid_post = resid_mid + mlp_out
+    if cache is not None:
+        cache.update({prefix + "hook_resid_pre": x, prefix + "attn.hook_z": z, prefix + "hook_attn_out": attn_out,
+                      prefix + "hook_resid_mid": resid_mid, prefix + "hook_mlp_out": mlp_out,
+                      prefix + "hook_resid_post": resid_post})
+    return resid_post
+
+
+def stack_components(cache: dict[str, Tensor], embeds: list[str], out_projs: list[nn.Linear],
+                     n_head: int) -> tuple[list[str], Tensor]:
+    """Every write to the final residual stream, (N, B, T, D): the named embedding hooks, each head's z · W_O
+    per layer, each MLP's output, and the attention output biases summed into one component."""
+    names, parts = [e.removeprefix("hook_") for e in embeds], [cache[e] for e in embeds]
+    D = parts[0].shape[-1]
+    bias = torch.zeros(D, dtype=parts[0].dtype, device=parts[0].device)
+    for layer, proj in enumerate(out_projs):
+        z = cache[f"blocks.{layer}.attn.hook_z"]  # (B, T, H, dh)
+        w_o = proj.weight.view(D, n_head, z.shape[-1])  # (D, H·dh) → (D, H, dh)
+        parts += list(torch.einsum("bthd,mhd->hbtm", z, w_o))  # H × (B, T, D)
+        names += [f"L{layer}H{h}" for h in range(n_head)]
+        parts.append(cache[f"blocks.{layer}.hook_mlp_out"])
+        names.append(f"L{layer}MLP")
+        if proj.bias is not None:
+            bias = bias + proj.bias
+    parts.append(bias.expand_as(parts[0]))
+    names.append("attn_biases")
+    return names, torch.stack(parts)
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+    """Load a state dict already mapped to our keys: every tensor known and of the right shape, every parameter
+    present (σ̂ buffers keep their defaults: transformers checkpoints have none)."""
+    ours = model.state_dict()
+    for key, tensor in state.items():
+        if key not in ours:
+            raise ValueError(f"unexpected tensor {key!r} in a {what} checkpoint")
+        if tensor.shape != ours[key].shape:
+            raise ValueError(f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)}, "
+                             f"config expects {tuple(ours[key].shape)}")
+    missing = sorted({k for k, _ in model.named_parameters()} - state.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    model.load_state_dict(state, strict=False)
