@@ -61,7 +61,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _add_remove(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
-    p.add_argument("model", help="GPT2LMHeadModel folder or hub id")
+    p.add_argument("model", help="a GPT-2, Llama or Qwen2 checkpoint folder, hub id or run folder")
     _add_train_options(p)
     p.add_argument("--preset", default="baroni2025")
     p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
@@ -182,7 +182,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="folded model, published eps=1e12 model, run folder, or any model folder")
     p.add_argument("--out", required=True, type=Path, help="export folder (written atomically)")
     p.add_argument("--format", default="hf", choices=("hf", "hf-compat"), dest="fmt",
-                   help="hf: LNFreeGPT2LMHeadModel (no norms); hf-compat: plain GPT2LMHeadModel, eps=1e12")
+                   help="hf: the norm-free class (LNFree<Arch>, no norms); hf-compat: the stock class, eps=1e12")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo")
     p.set_defaults(func=_run_export)
 

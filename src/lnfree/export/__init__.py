@@ -56,7 +56,7 @@ def _register() -> None:
     try:
         importlib.import_module(_HF_MODULE)  # registers at the end of its import
     except Exception as e:  # never break the user's transformers import because of us
-        warnings.warn(f"lnfree could not register LNFreeGPT2LMHeadModel with transformers: {e}", stacklevel=2)
+        warnings.warn(f"lnfree could not register its norm-free classes with transformers: {e}", stacklevel=2)
 
 
 class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
