@@ -46,3 +46,19 @@ def test_planted_writer_makes_position_zero_an_outlier_written_by_block_0_mlp():
     assert written[:, 0].min() > 20 * written[:, 1:].max()  # only position 0 fires the planted neurons
     std = cache["blocks.1.hook_resid_pre"].std(-1)
     assert (std[:, 0] / std[:, 1:].mean(-1)).min() > 10
+
+
+def test_fresh_rebuilds_only_its_own_analog(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from lnfree.demo import demo_cache_dir, prepare_tokenizer, pretrained_folder
+
+    monkeypatch.setenv("LNFREE_DEMO_CACHE", str(tmp_path / "cache"))
+    cfg = quick_config()
+    run_demo(tmp_path / "out", cfg)
+    other = pretrained_folder(replace(cfg, seed=7), prepare_tokenizer(cfg, demo_cache_dir()), demo_cache_dir())
+    (other / "final").mkdir(parents=True)
+    (other / "final" / "model.safetensors").write_text("another analog's weights")
+    results = run_demo(tmp_path / "out", cfg, fresh=True)
+    assert results["pretrain_seconds"] > 0.5  # pretrained again …
+    assert (other / "final" / "model.safetensors").read_text() == "another analog's weights"  # … alone

@@ -143,3 +143,17 @@ def test_a_short_removal_run_ends_norm_free_and_verified(tmp_path):
     assert final["architectures"] == ["LNFreeQwen2ForCausalLM"]
     report = verify(tmp_path / "run")
     assert report.passed, report.failures
+
+
+def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
+    """`lnfree pretrain --family llama` / `lnfree demo --family llama` start from this: live RMSNorms, tied
+    embeddings, and a checkpoint transformers' own LlamaForCausalLM computes identically."""
+    from lnfree.models.io import FAMILIES
+
+    model = FAMILIES["llama"].new_model(VOCAB, 64, 48, 2, 4, VOCAB - 1, 0).eval()
+    assert model.config.tie_word_embeddings and len(model.normalising_sites()) == 7
+    save_model(model, tmp_path / "new")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    idx = random_tokens(seq=40)
+    assert (_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= 1e-5

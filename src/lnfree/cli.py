@@ -88,12 +88,13 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--family", default="gpt2", help="model family: gpt2 (LayerNorm) or llama (RMSNorm)")
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from .config import TrainConfig
-    from .models.gpt2 import GPT2, GPT2Config, init_weights
+    from .models.io import FAMILIES
     from .runs import run_pretrain
     from .tokenizer import load_tokenizer
 
@@ -101,9 +102,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     defaults = TrainConfig(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256, lr=3e-3, min_lr=3e-4,
                            warmup_steps=50, weight_decay=0.1)
     cfg = replace(defaults, **_overrides(args))
-    model_cfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.ctx, n_embd=args.d_model, n_layer=args.layers,
-                           n_head=args.heads, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model = init_weights(GPT2(model_cfg), seed=cfg.seed)
+    if args.family not in FAMILIES:
+        raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
+    model = FAMILIES[args.family].new_model(len(tok), cfg.ctx, args.d_model, args.layers, args.heads,
+                                            tok.eos_token_id, cfg.seed)
     result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
                           cache_root=args.cache_dir, progress=not args.quiet)
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
@@ -159,18 +161,26 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on a GPT-2 analog pretrained on the Python stdlib")
     p.add_argument("--out", type=Path, default=Path("lnfree-demo"), help="report folder (default ./lnfree-demo)")
-    p.add_argument("--fresh", action="store_true", help="ignore cached tokenizer/pretraining; rebuild everything")
+    p.add_argument("--fresh", action="store_true",
+                   help="pretrain this analog again and clear --out (other cached analogs are kept)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
+    p.add_argument("--family", default="gpt2", help="the analog's family: gpt2 (LayerNorm) or llama (RMSNorm)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import hard_config, quick_config, run_demo
+    from dataclasses import replace as _replace
+
+    from .demo import DemoConfig, hard_config, quick_config, run_demo
+    from .models.io import FAMILIES
 
     if args.quick and args.hard:
         raise ValueError("--quick and --hard are exclusive; pick one")
-    run_demo(args.out, quick_config() if args.quick else hard_config() if args.hard else None, fresh=args.fresh)
+    if args.family not in FAMILIES:
+        raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
+    cfg = quick_config() if args.quick else hard_config() if args.hard else DemoConfig()
+    run_demo(args.out, _replace(cfg, family=args.family), fresh=args.fresh)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 1. corpus    the running interpreter's standard library (.py), split train/val by file
 2. tokenizer byte-level BPE trained locally (cached)
-3. pretrain  a small GPT-2 with LayerNorm (cached, keyed by corpus, tokenizer and settings)
+3. pretrain  a small GPT-2 (or, `--family llama`, a Llama-style model) with its norms (cached, keyed by corpus,
+             tokenizer and settings)
 4. removal   `baroni2025` rescaled to a fine-tuning budget of a few % of pretraining, and its vanilla control
 5. evaluate  original / vanilla / LN-free on the val split; `verify` on the LN-free model; export
 6. report    report.md, results.json and plots in the output folder
@@ -31,7 +32,7 @@ from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import SiteState
 from .models import load_model
 from .models.base import LNModel
-from .models.gpt2 import GPT2, GPT2Config, init_weights
+from .models.io import FAMILIES
 from .plots import plot_loss
 from .runs import run_pretrain, run_removal
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -39,6 +40,8 @@ from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
 @dataclass
 class DemoConfig:
+    family: str = "gpt2"
+    """The analog's model family: gpt2 (LayerNorm) or llama (RMSNorm, rotary, SwiGLU)."""
     vocab_size: int = 4096
     n_layer: int = 6
     n_embd: int = 128
@@ -58,7 +61,7 @@ class DemoConfig:
     eval_batch: int = 16
     seed: int = 0
     pos0_writer: float = 0.0
-    """> 0: plant a position-0 outlier writer at initialisation (see `plant_position0_writer`): a harder analog."""
+    """> 0: plant a position-0 outlier writer at initialisation (see `GPT2.plant_position0_writer`): a harder analog."""
 
     def ft_steps(self) -> int:
         return max(1, round(self.pretrain.steps * self.ft_fraction))
@@ -66,8 +69,9 @@ class DemoConfig:
     def key(self) -> str:
         fine_tuning = ("ft_fraction", "preset", "ft_lr", "ft_dropout", "eval_batch")
         fields = {k: v for k, v in asdict(self).items() if k not in fine_tuning}
-        if not self.pos0_writer:
-            fields.pop("pos0_writer")  # keeps the cache key of analogs pretrained before the option existed
+        for name, default in (("pos0_writer", 0.0), ("family", "gpt2")):
+            if fields[name] == default:
+                fields.pop(name)  # keeps the cache key of analogs pretrained before the option existed
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -95,46 +99,27 @@ def prepare_tokenizer(cfg: DemoConfig, cache: Path) -> Path:
     return folder
 
 
+def pretrained_folder(cfg: DemoConfig, tok_dir: Path, cache: Path) -> Path:
+    return cache / f"pretrain-{cfg.key()}-{tok_dir.name}"
+
+
 def prepare_pretrained(cfg: DemoConfig, tok_dir: Path, cache: Path, token_cache: Path) -> Path:
-    """The analog GPT-2, pretrained once and cached; a half-finished pretraining resumes."""
-    folder = cache / f"pretrain-{cfg.key()}-{tok_dir.name}"
+    """The analog, pretrained once and cached; a half-finished pretraining resumes."""
+    folder = pretrained_folder(cfg, tok_dir, cache)
     if (folder / "final" / "model.safetensors").exists():
         _say(f"pretrained analog: cached at {folder / 'final'}")
         return folder / "final"
     tok = load_tokenizer(tok_dir)
-    model_cfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                           n_head=cfg.n_head, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    model = init_weights(GPT2(model_cfg), seed=cfg.seed)
+    model = FAMILIES[cfg.family].new_model(len(tok), cfg.ctx, cfg.n_embd, cfg.n_layer, cfg.n_head, tok.eos_token_id,
+                                           cfg.seed)
     if cfg.pos0_writer > 0:
-        plant_position0_writer(model, cfg.pos0_writer)
+        model.plant_position0_writer(cfg.pos0_writer)
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"pretraining {cfg.n_layer}L×{cfg.n_embd} ({n_params / 1e6:.2f}M params) for {cfg.pretrain.steps} steps "
          f"of {cfg.pretrain.batch_tokens} tokens")
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*"))
     run_pretrain(model, tok_dir, "stdlib", folder, cfg.pretrain, resume=resume, cache_root=token_cache)
     return folder / "final"
-
-
-@torch.no_grad()
-def plant_position0_writer(model: GPT2, scale: float, n_neurons: int = 8, seed: int = 1) -> None:
-    """Give the analog GPT-2's position-0 structure at initialisation, so that removal gets GPT-2-hard.
-
-    GPT-2's position 0 carries a residual outlier written by an early MLP. Here: the position-0 embedding gets
-    a marker direction u (3 units), and `n_neurons` neurons of block 0's MLP read u (threshold 5, so only
-    position 0 fires) and write `scale` along another direction v. Measured (6L×128, 500 steps): pretraining
-    keeps the embedding marker (position-0 std 3.2× the rest at the embedding) but reshapes the MLP writer away
-    (1.2× after block 0); freezing every LN at once then costs +45 nats instead of +0.27, and 5% fine-tuning
-    leaves LN-free − vanilla at +0.24 nats with baroni2025 — a much harder analog.
-    """
-    d = model.config.n_embd
-    g = torch.Generator().manual_seed(seed)
-    u, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    u, v = u / u.norm(), v / v.norm()
-    model.wpe.weight[0] += 3 * u
-    mlp = model.h[0].mlp
-    mlp.c_fc.weight[:n_neurons] = u
-    mlp.c_fc.bias[:n_neurons] = -5.0
-    mlp.c_proj.weight[:, :n_neurons] = (scale / n_neurons) * v[:, None]
 
 
 # ---- realism figures ---------------------------------------------------------------------------------------------
@@ -144,7 +129,7 @@ def realism(model: LNModel, batch: torch.Tensor) -> dict:
     cache: dict = {}
     model.eval()
     model(batch, cache=cache)
-    n_layer = model.config.n_layer
+    n_layer = model.n_layers
     ratios, attn0 = [], []
     for i in range(n_layer):
         std = cache[f"blocks.{i}.hook_resid_pre"].std(-1)  # (B, T)
@@ -179,7 +164,6 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     t0 = time.time()
     cache = demo_cache_dir()
     if fresh:
-        shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +173,8 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     _say(f"corpus: Python {__import__('sys').version.split()[0]} stdlib, train {len(train_files)} files "
          f"({mb(train_files):.1f} MB), val {len(val_files)} files ({mb(val_files):.1f} MB)")
     tok_dir = prepare_tokenizer(cfg, cache)
+    if fresh:  # this analog's pretraining only: other analogs and the (deterministic) tokenizer stay cached
+        shutil.rmtree(pretrained_folder(cfg, tok_dir, cache), ignore_errors=True)
     tok = load_tokenizer(tok_dir)
     train_cache = build_token_cache("stdlib", tok, split="train", cache_root=token_cache)
     val_cache = build_token_cache("stdlib", tok, split="val", cache_root=token_cache)
@@ -279,7 +265,7 @@ def _plots(out: Path, sigmas: dict, models: dict, batch: torch.Tensor) -> None:
         for name in ("original", "lnfree"):
             cache: dict = {}
             models[name](batch, cache=cache)
-            last = cache[f"blocks.{models[name].config.n_layer - 1}.hook_resid_post"]
+            last = cache[f"blocks.{models[name].n_layers - 1}.hook_resid_post"]
             ax.plot(last.std(-1).mean(0).numpy(), label=name)
     ax.set_xlabel("position")
     ax.set_ylabel("residual std (final layer, mean over batch)")
@@ -299,7 +285,7 @@ def _report(r: dict, cfg: DemoConfig) -> str:
     v = r["verify"]
     verify_line = f"`lnfree verify` on the LN-free model: **{'PASS' if v['passed'] else 'FAIL'}** — " + \
         "; ".join(v["figures"] + v["failures"])
-    return f"""# lnfree demo: LayerNorm removal on a Python-stdlib GPT-2 analog
+    return f"""# lnfree demo: norm removal on a Python-stdlib {cfg.family} analog
 
 Model: {cfg.n_layer} layers × {cfg.n_embd} wide, {cfg.n_head} heads, ctx {cfg.ctx}, vocab {cfg.vocab_size};
 pretrained on {r['pretrain_tokens']:,} tokens; fine-tuned {r['ft_tokens']:,} tokens
@@ -340,7 +326,7 @@ evaluation {r['eval_seconds']:.0f}s, total {r['wall_seconds']:.0f}s.
 
 
 def hard_config() -> DemoConfig:
-    """The harder analog: a planted position-0 writer (see `plant_position0_writer`)."""
+    """The harder analog: a planted position-0 writer (see `GPT2.plant_position0_writer`)."""
     return DemoConfig(pos0_writer=40.0)
 
 

@@ -140,6 +140,10 @@ class LNModel(nn.Module):
         """(name, value) rows describing the architecture, for model cards."""
         raise NotImplementedError
 
+    def plant_position0_writer(self, scale: float) -> None:
+        """The harder offline analog's planted position-0 outlier (`lnfree demo --hard`), where a family has one."""
+        raise ValueError(f"the harder analog (--hard) is available for GPT-2 only, not {self.family}")
+
     def fold(self) -> LNModel:
         """A norm-free model computing the same function; requires every site frozen with no specials."""
         raise NotImplementedError
@@ -201,6 +205,9 @@ class Family:
     # (what the `hf` / `hf-compat` exports reload as, TransformerLens' adapter), to_hf_model(model),
     # to_compat_hf(model, eps) and tl_norm_count(model) (the norm bridges that adapter creates)
     hf_module: str
+    # (vocab_size, context, d_model, n_layers, n_heads, eos_token_id, seed) -> a freshly initialised small model
+    # with every norm live (pretraining the offline analogs)
+    new_model: Callable[[int, int, int, int, int, int | None, int], LNModel]
 
     def hf(self) -> ModuleType:
         return importlib.import_module(self.hf_module)

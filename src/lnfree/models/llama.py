@@ -239,6 +239,21 @@ class Llama(LNModel):
         return out
 
 
+def init_weights(model: Llama, seed: int = 0) -> Llama:
+    """transformers' Llama initialisation (normal 0.02 for every matrix and the embedding, norm gains 1, biases 0),
+    for pretraining."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
 # ---- transformers checkpoint mapping --------------------------------------------------------------------------
 NOLN_PREFIX = "LNFree"
 
@@ -317,4 +332,8 @@ LLAMA_FAMILY = Family(
     name="llama", architectures=(*ARCHITECTURES, *(NOLN_PREFIX + a for a in ARCHITECTURES)),
     model_types=(*ARCHITECTURES.values(), *(f"lnfree_{t}" for t in ARCHITECTURES.values())),
     from_hf=from_hf, to_hf=to_hf, build=lambda hf: Llama(config_from_hf(hf)),
-    config_dict=lambda m: config_to_hf(m.config), hf_module="lnfree.models.llama_hf")
+    config_dict=lambda m: config_to_hf(m.config), hf_module="lnfree.models.llama_hf",
+    new_model=lambda vocab, ctx, d, n_layers, n_heads, eos, seed: init_weights(Llama(LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=ctx, hidden_size=d, intermediate_size=8 * d // 3 // 8 * 8,
+        num_hidden_layers=n_layers, num_attention_heads=n_heads, tie_word_embeddings=True, bos_token_id=eos,
+        eos_token_id=eos)), seed))
