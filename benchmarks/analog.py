@@ -33,7 +33,7 @@ DEFAULT_METHODS = ["heimersheim2024", "baroni2025", "baroni2025-small-noaux", "a
 
 def register_candidates() -> dict[str, str]:
     """Variants of baroni2025-small tried while choosing `lnfree` (name -> what changes). Benchmark-only."""
-    from lnfree.method.schedule import SITE_KINDS
+    from lnfree.method.schedule import SITE_KINDS, standard_layout
 
     def variant(name, *, specials=False, flat_lr=False, step_ema=False):
         def preset(n_layer):
@@ -41,7 +41,7 @@ def register_candidates() -> dict[str, str]:
             spec, train, sigma = r.removal, r.train, r.sigma
             if specials:  # position 0 and EOT keep their own σ̂ at every site, eased out one site at a time
                 spec = replace(spec, eot_kinds=SITE_KINDS, bos_kinds=SITE_KINDS, eot_after=2, bos_after=2,
-                               special_gap=1, eot_ramp=2, bos_ramp=2)
+                               special_span=len(standard_layout(n_layer)), eot_ramp=2, bos_ramp=2)
                 sigma = replace(sigma, positions="apart")
             if flat_lr:  # no decay before the last removal: the cosine's horizon at twice the run
                 train = replace(train, decay_steps=2 * train.steps)

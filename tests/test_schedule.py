@@ -37,7 +37,7 @@ def _layer_of(site: str) -> int:
 def test_phases_in_order_at_every_depth(name, n_layer):
     if name == "per-site specials":
         spec = RemovalSpec(start=3, gaps={"ln2": 2, "ln1qk": 1, "ln1v": 3}, eot_after=2, bos_after=4, tail=5,
-                           eot_kinds=SITE_KINDS, bos_kinds=("ln2", "ln1v"), special_gap=2)
+                           eot_kinds=SITE_KINDS, bos_kinds=("ln2", "ln1v"), special_span=5)
         s = build_schedule(spec, standard_layout(n_layer))
     else:
         s = recipe_schedule(get_recipe(name, n_layer), n_layer)
@@ -71,7 +71,8 @@ def _direct_state(s: Schedule, site: str, step: int) -> tuple[bool, float, float
 
 def test_state_at_every_step_matches_a_direct_reading():
     spec = RemovalSpec(start=2, gaps={"ln2": 1, "ln1qk": 2, "ln1v": 1}, eot_after=1, bos_after=2, tail=3,
-                       eot_kinds=("ln1v", "ln_final"), bos_kinds=SITE_KINDS, special_gap=1, eot_ramp=2, bos_ramp=3)
+                       eot_kinds=("ln1v", "ln_final"), bos_kinds=SITE_KINDS, special_span=7, eot_ramp=2,
+                       bos_ramp=3)
     s = build_schedule(spec, standard_layout(3))
     again = Schedule.from_dict(json.loads(json.dumps(s.to_dict())))
     for step in range(s.total_steps + 2):
@@ -127,3 +128,12 @@ def test_cli_prints_timeline_and_rejects_unknown_preset():
     assert "blocks.47.ln1.v" in ok.stdout and "eot special σ̂ removed (48 sites)" in ok.stdout
     bad = run("--preset", "nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "known: heimersheim2024" in bad.stderr
+
+
+def test_specials_spread_evenly_over_their_span():
+    spec = RemovalSpec(start=0, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 1}, eot_after=1, bos_after=0, tail=2,
+                       eot_kinds=("ln2",), special_span=6)
+    s = build_schedule(spec, standard_layout(4))
+    last_freeze = s.freeze_at["ln_final"]
+    offs = [s.eot_off[f"blocks.{i}.ln2"] - last_freeze - 1 for i in range(4)]
+    assert offs == [0, 1, 3, 4]  # 4 sites over 6 steps, in removal order

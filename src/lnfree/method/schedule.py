@@ -57,9 +57,9 @@ class RemovalSpec:
     Specials: once frozen, a site of a kind in `eot_kinds` divides EOT positions by their own σ̂, and a site of a
     kind in `bos_kinds` does the same for position 0, until the schedule removes that special. The EOT specials
     go from `eot_after` steps after the last freeze, the position-0 specials from `bos_after` steps after the
-    last EOT removal; `special_gap` 0 removes every site's special in one step, g > 0 one site at a time, in
-    removal order, g steps apart; each is eased out linearly over the `*_ramp` steps before it goes (0: in one
-    step). Start 0 and no gaps is "all at once".
+    last EOT removal; `special_span` 0 removes every site's special in one step, s > 0 one site after another, in
+    removal order, spread evenly over s steps; each is eased out linearly over the `*_ramp` steps before it goes
+    (0: in one step). Start 0 and no gaps is "all at once".
     """
 
     start: int
@@ -72,7 +72,7 @@ class RemovalSpec:
     bos_ramp: int = 0
     eot_kinds: tuple[str, ...] = ()
     bos_kinds: tuple[str, ...] = ()
-    special_gap: int = 0
+    special_span: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,9 +155,10 @@ class Schedule:
         return "\n".join(lines)
 
 
-def _special_offs(sites: list[SiteSpec], kinds: tuple[str, ...], first: int, gap: int) -> dict[str, int]:
+def _special_offs(sites: list[SiteSpec], kinds: tuple[str, ...], first: int, span: int) -> dict[str, int]:
+    """The step each chosen site loses its special: all at `first`, or spread evenly over `span` steps."""
     chosen = [s.name for s in sites if s.kind in kinds]
-    return {site: first + i * gap for i, site in enumerate(chosen)}
+    return {site: first + i * span // len(chosen) for i, site in enumerate(chosen)}
 
 
 def build_schedule(spec: RemovalSpec, layout: list[SiteSpec], total_steps: int | None = None) -> Schedule:
@@ -179,9 +180,9 @@ def build_schedule(spec: RemovalSpec, layout: list[SiteSpec], total_steps: int |
             freeze_at[site.name] = step
             previous_kind = kind
     ordered = sorted(layout, key=lambda s: freeze_at[s.name])  # removal order
-    eot_off = _special_offs(ordered, spec.eot_kinds, step + spec.eot_after, spec.special_gap)
+    eot_off = _special_offs(ordered, spec.eot_kinds, step + spec.eot_after, spec.special_span)
     eot_end = max(eot_off.values(), default=step + spec.eot_after)
-    bos_off = _special_offs(ordered, spec.bos_kinds, eot_end + spec.bos_after, spec.special_gap)
+    bos_off = _special_offs(ordered, spec.bos_kinds, eot_end + spec.bos_after, spec.special_span)
     schedule = Schedule(total_steps=0, freeze_at=freeze_at, eot_off=eot_off, bos_off=bos_off,
                         eot_ramp=spec.eot_ramp, bos_ramp=spec.bos_ramp)
     last = schedule.last_event
