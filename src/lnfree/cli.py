@@ -18,15 +18,16 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_schedule(args: argparse.Namespace) -> int:
-    from .recipes import describe_training, get_recipe, recipe_schedule
+    from .recipes import describe_training, get_recipe
+    from .runs import removal_plan
 
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
     recipe = get_recipe(args.preset, args.layers)
-    schedule = recipe_schedule(recipe, args.layers, args.steps)
-    print(f"# preset {recipe.name} ({recipe.source}) on {args.layers} layers, {schedule.total_steps} steps")
-    print(f"# {describe_training(recipe.train, recipe.sigma)}")
-    print(schedule.format_timeline())
+    plan = removal_plan(args.layers, args.preset, {"steps": args.steps})  # stretched as a run would be
+    print(f"# preset {recipe.name} ({recipe.source}) on {args.layers} layers, {plan.schedule.total_steps} steps")
+    print(f"# {describe_training(plan.train, plan.sigma)}")
+    print(plan.schedule.format_timeline())
     return 0
 
 
