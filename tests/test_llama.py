@@ -157,3 +157,32 @@ def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
     assert type(hf).__name__ == "LlamaForCausalLM"
     idx = random_tokens(seq=40)
     assert (_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= 1e-5
+
+
+def test_transformer_lens_and_nnsight_read_the_norm_free_llama(tmp_path):
+    """TransformerLens' Llama adapter and nnsight both run the folded model exactly, with identity norm hooks."""
+    from test_export import save_word_tokenizer
+
+    from lnfree.interop import to_nnsight, to_transformer_lens
+
+    make_hf("llama-gqa-untied").save_pretrained(tmp_path / "hf")
+    folded = _frozen(tmp_path / "hf").fold().eval()
+    save_model(folded, tmp_path / "folded")
+    save_word_tokenizer(tmp_path / "folded")
+    idx = random_tokens(batch=1, seq=12, seed=8)
+    ours: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        expected = folded(idx, cache=ours)
+    bridge = to_transformer_lens(tmp_path / "folded")
+    with torch.no_grad():
+        logits, cache = bridge.run_with_cache(idx)
+    assert (logits - expected).abs().max().item() <= 1e-5
+    assert (cache["blocks.1.hook_resid_pre"] - ours["blocks.1.hook_resid_pre"]).abs().max().item() <= 1e-5
+    assert torch.equal(cache["blocks.0.ln1.hook_normalized"], cache["blocks.0.hook_resid_pre"])  # identity norm
+    lm = to_nnsight(tmp_path / "folded")
+    with lm.trace(idx):
+        resid = lm.model.layers[0].output.save()
+        out = lm.lm_head.output.save()
+    resid = resid[0] if isinstance(resid, tuple) else resid
+    assert (resid - ours["blocks.0.hook_resid_post"]).abs().max().item() <= 1e-5
+    assert (out - expected).abs().max().item() <= 1e-5
