@@ -161,9 +161,8 @@ def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
 
 def test_transformer_lens_and_nnsight_read_the_norm_free_llama(tmp_path):
     """TransformerLens' Llama adapter and nnsight both run the folded model exactly, with identity norm hooks."""
-    from test_export import save_word_tokenizer
-
     from lnfree.interop import to_nnsight, to_transformer_lens
+    from test_export import save_word_tokenizer
 
     make_hf("llama-gqa-untied").save_pretrained(tmp_path / "hf")
     folded = _frozen(tmp_path / "hf").fold().eval()
