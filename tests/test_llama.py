@@ -23,6 +23,8 @@ CASES = {  # name -> (architecture, config class, heads, kv heads, tied, extra c
         "original_max_position_embeddings": 16}}),
     "qwen2-gqa-tied": ("Qwen2ForCausalLM", transformers.Qwen2Config, 6, 3, True, {}),
     "qwen2-untied": ("Qwen2ForCausalLM", transformers.Qwen2Config, 5, 1, False, {"hidden_size": 40}),
+    "qwen3-gqa-tied": ("Qwen3ForCausalLM", transformers.Qwen3Config, 6, 2, True, {"head_dim": 12}),
+    "qwen3-untied-wide-heads": ("Qwen3ForCausalLM", transformers.Qwen3Config, 3, 3, False, {"head_dim": 20}),
 }
 
 
@@ -159,12 +161,13 @@ def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
     assert (_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= 1e-5
 
 
-def test_transformer_lens_and_nnsight_read_the_norm_free_llama(tmp_path):
-    """TransformerLens' Llama adapter and nnsight both run the folded model exactly, with identity norm hooks."""
+@pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-gqa-tied"])
+def test_transformer_lens_and_nnsight_read_the_norm_free_llama(tmp_path, case):
+    """TransformerLens' Llama / Qwen3 adapters and nnsight run the folded model exactly, with identity norms."""
     from lnfree.interop import to_nnsight, to_transformer_lens
     from test_export import save_word_tokenizer
 
-    make_hf("llama-gqa-untied").save_pretrained(tmp_path / "hf")
+    make_hf(case).save_pretrained(tmp_path / "hf")
     folded = _frozen(tmp_path / "hf").fold().eval()
     save_model(folded, tmp_path / "folded")
     save_word_tokenizer(tmp_path / "folded")

@@ -210,7 +210,7 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     eval_seconds = time.time() - t_ev
 
     verify_figures = _verify_and_export(runs / "lnfree" / "final", out)
-    sigmas = {n: s.sigma.item() for n, s in lnfree_run.model.norm_sites().items()}
+    sigmas = {n: s.sigma.mean().item() for n, s in lnfree_run.model.norm_sites().items()}
     _plots(out, sigmas, models, val[0])
     results = {
         "ce_original": ce["original"]["mean"], "ce_vanilla": ce["vanilla"]["mean"], "ce_lnfree": ce["lnfree"]["mean"],

@@ -13,6 +13,8 @@ Deviations shared by every paper preset (bug fixes of both codes, kept for all o
     trained (the 2025 repository loads bf16 weights since commit 9b4fd50, 2025-05-22, after its final schedules).
   * The vanilla control (`--control`) trains without the auxiliary loss, which belongs to the removal; the 2025
     code's control kept it.
+Beyond GPT-2 the papers say nothing: a family's extra norms are placed by kind (method/schedule.py) — Qwen3's
+per-head q/k norms freeze right after the Q/K path of ln_1, at its gap.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def heimersheim2024(n_layer: int) -> Recipe:
     sequence gives 1023 next-token targets (nanoGPT's windows give 1024).
     """
     # The run ends 140 steps after the EOT specials go: the code's (channel-0) BOS reset 100 later, then 40.
-    spec = RemovalSpec(start=200, gaps={"ln2": 20, "ln1qk": 20, "ln1v": 30, "ln_final": 30},
+    spec = RemovalSpec(start=200, gaps={"ln2": 20, "ln1qk": 20, "qk_norm": 20, "ln1v": 30, "ln_final": 30},
                        eot_after=20, bos_after=0, tail=140, eot_kinds=("ln1v",))
     train = TrainConfig(steps=1200, batch_tokens=_reference_batch(48), micro_batch=48, ctx=CTX, lr=6e-4,
                         min_lr=6e-5, warmup_steps=100, decay_steps=2000, weight_decay=0.1, betas=(0.9, 0.95),
@@ -129,7 +131,7 @@ def baroni_recipe(name: str, n_layer: int) -> Recipe:
     """
     c = BARONI_CONFIGS[name]
     g2, gqk, gv = c.gaps
-    spec = RemovalSpec(start=c.start_ln2, gaps={"ln2": g2, "ln1qk": gqk, "ln1v": gv, "ln_final": gv},
+    spec = RemovalSpec(start=c.start_ln2, gaps={"ln2": g2, "ln1qk": gqk, "qk_norm": gqk, "ln1v": gv, "ln_final": gv},
                        eot_after=0, bos_after=0, tail=0)
     # The tail (fine-tuning after the last event) keeps the published length at the published depth.
     last_event = build_schedule(spec, standard_layout(c.n_layer), 10**9).last_event

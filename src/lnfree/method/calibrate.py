@@ -32,7 +32,7 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
         raise ValueError("calibration needs at least one batch of tokens")
     model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured statistic
     model.train(was_training)
-    return {name: site.sigma.item() for name, site in model.norm_sites().items()}
+    return {name: site.sigma.tolist() for name, site in model.norm_sites().items()}  # per head: a list
 
 
 @torch.no_grad()

@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 # Site kinds name the role a norm plays, whatever the family: the norm before the MLP, the pre-attention norm as
-# read by Q/K and as read by V, the final norm. A schedule orders kinds; a family's layout says which site has
-# which kind (`LNModel.site_layout`). A family with other norms (Qwen3's per-head q/k norms) adds kinds.
-SITE_KINDS = ("ln2", "ln1qk", "ln1v", "ln_final")
+# read by Q/K, the per-head norms of queries and keys (Qwen3; they sit on the Q/K path, so they follow it), the
+# pre-attention norm as read by V, the final norm. A schedule orders kinds; a family's layout says which site has
+# which kind (`LNModel.site_layout`); kinds a model lacks are skipped.
+SITE_KINDS = ("ln2", "ln1qk", "qk_norm", "ln1v", "ln_final")
 
 
 @dataclass(frozen=True)

@@ -31,25 +31,27 @@ _MAIN, _BOS, _EOT = 0, 1, 2
 
 
 class NormSite(nn.Module):
-    """The switchable divisor of one LN use. Holds σ̂ buffers; owns no trainable parameters."""
+    """The switchable divisor of one LN use. Holds σ̂ buffers; owns no trainable parameters. A per-head norm
+    (Qwen3's q/k norms, `heads` = H) keeps one σ̂ per head: every σ̂ buffer then has shape (H,)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, heads: int | None = None):
         super().__init__()
         self.name = name
+        shape = () if heads is None else (heads,)
         self.register_buffer("frozen", torch.tensor(False))
-        self.register_buffer("sigma", torch.tensor(1.0))
-        self.register_buffer("sigma_bos", torch.tensor(1.0))
-        self.register_buffer("sigma_eot", torch.tensor(1.0))
+        self.register_buffer("sigma", torch.ones(shape))
+        self.register_buffer("sigma_bos", torch.ones(shape))
+        self.register_buffer("sigma_eot", torch.ones(shape))
         self.register_buffer("bos_weight", torch.tensor(1.0))
         self.register_buffer("eot_weight", torch.tensor(1.0))
         # Sums of per-token std and std², and counts, for (_MAIN, _BOS, _EOT); emptied by every σ̂ update, which
         # happens at an optimizer-step boundary at the latest, so they need not be checkpointed.
-        self.register_buffer("stat_sums", torch.zeros(3, dtype=torch.float64), persistent=False)
-        self.register_buffer("stat_squares", torch.zeros(3, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_sums", torch.zeros(3, *shape, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_squares", torch.zeros(3, *shape, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
 
     def extra_repr(self) -> str:
-        state = f"frozen σ̂={self.sigma.item():.4g}" if self.frozen else "live"
+        state = f"frozen σ̂={self.sigma.mean().item():.4g}" if self.frozen else "live"
         return f"{self.name}: {state}"
 
     @property
@@ -63,29 +65,30 @@ class NormSite(nn.Module):
         return not self.is_frozen or bool(self.bos_weight > 0) or bool(self.eot_weight > 0)
 
     def frozen_divisor(self, batch: int, seq: int, eot_mask: Tensor | None) -> Tensor:
-        """σ̂ as a scalar, or (B, T, 1) while position-0 / EOT specials are still weighted in."""
+        """σ̂ to divide (B, T, [H,] D) by: a scalar (per head: (H, 1)), or (B, T, [H,] 1) while position-0 / EOT
+        specials are still weighted in."""
         sigma = self.sigma
         use_eot = eot_mask is not None and bool(self.eot_weight > 0)
         use_bos = bool(self.bos_weight > 0)
         if not (use_eot or use_bos):
-            return sigma
-        per_pos = sigma.expand(batch, seq).clone()  # (B, T)
+            return sigma.unsqueeze(-1) if sigma.dim() else sigma
+        per_pos = sigma.expand(batch, seq, *sigma.shape).clone()  # (B, T, [H])
         if use_eot:
             # Geometric interpolation: weight 1 gives the special σ̂, weight 0 the common one.
             eot_sigma = sigma ** (1 - self.eot_weight) * self.sigma_eot**self.eot_weight
-            per_pos = torch.where(eot_mask, eot_sigma, per_pos)
+            per_pos = torch.where(eot_mask.view(batch, seq, *([1] * sigma.dim())), eot_sigma, per_pos)
         if use_bos:
             per_pos[:, 0] = sigma ** (1 - self.bos_weight) * self.sigma_bos**self.bos_weight
-        return per_pos.unsqueeze(-1)  # (B, T, 1)
+        return per_pos.unsqueeze(-1)  # (B, T, [H,] 1)
 
     # ---- statistics -------------------------------------------------------------------------------------
     @torch.no_grad()
     def accumulate(self, std: Tensor, eot_mask: Tensor | None, positions: str = "apart") -> None:
-        """Add one forward's per-token std (B, T): position 0 and EOT positions into their own sums, and the
-        main sum over the `positions` of the σ̂ rule: all but those ("apart"), all but position 0
-        ("after_bos") or every position ("pooled")."""
+        """Add one forward's per-token std (B, T) — per head (B, T, H) —: position 0 and EOT positions into their
+        own sums, and the main sum over the `positions` of the σ̂ rule: all but those ("apart"), all but
+        position 0 ("after_bos") or every position ("pooled")."""
         std = std.detach().double()
-        special = torch.zeros_like(std, dtype=torch.bool)
+        special = torch.zeros(std.shape[:2], dtype=torch.bool, device=std.device)  # (B, T)
         special[:, 0] = True
         if eot_mask is not None:
             eot = eot_mask.clone()
@@ -94,12 +97,14 @@ class NormSite(nn.Module):
             self._add(_EOT, std[eot])
         self._add(_BOS, std[:, 0])
         main = {"apart": std[~special], "after_bos": std[:, 1:], "pooled": std}[positions]
-        self._add(_MAIN, main.flatten())
+        self._add(_MAIN, main)
 
     def _add(self, k: int, values: Tensor) -> None:
-        self.stat_sums[k] += values.sum()
-        self.stat_squares[k] += values.pow(2).sum()
-        self.stat_counts[k] += values.numel()
+        """values: (…, [H]) — every leading dimension counts tokens."""
+        values = values.reshape(-1, *self.sigma.shape)
+        self.stat_sums[k] += values.sum(0)
+        self.stat_squares[k] += values.pow(2).sum(0)
+        self.stat_counts[k] += values.shape[0]
 
     @torch.no_grad()
     def update(self, momentum: float, statistic: str = "mean_std") -> None:
@@ -127,14 +132,16 @@ class RemovableLayerNorm(nn.Module):
     `ln_final`. `paths=("qk", "v")` gives two sites `{prefix}.qk`, `{prefix}.v`; `paths=("",)` one site `{prefix}`.
     """
 
-    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",), rms: bool = False):
+    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",), rms: bool = False,
+                 heads: int | None = None):
         super().__init__()
         self.rms = rms
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = None if rms else nn.Parameter(torch.zeros(d_model))
         self.eps = eps
         self.paths = paths
-        self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix) for p in paths)
+        self.heads = heads  # a per-head norm: input (B, T, H, d_model), one σ̂ per head
+        self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix, heads) for p in paths)
         self.collecting = False  # switched by `collect_norm_stats`; never checkpointed
         self.rule = SigmaRule()  # set with the run by `LNModel.set_sigma_rule`
         self.call_momentum: float | None = None  # "call" rule: σ̂ moves inside forward with this retention
@@ -177,7 +184,7 @@ class RemovableLayerNorm(nn.Module):
         std = None
         if not all(s.is_frozen for s in self.sites):
             std = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, 1)
-        B, T, _ = x.shape
+        B, T = x.shape[:2]
         outs, live_out = [], None
         for site in self.sites:
             if site.is_frozen:

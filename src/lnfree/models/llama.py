@@ -1,12 +1,14 @@
-"""Llama-style family: Llama (1–3) and Qwen2 — RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention,
-optional Q/K/V biases (Qwen2), tied or untied embeddings — with removable RMSNorms, and its `transformers` mapping.
+"""Llama-style family: Llama (1–3), Qwen2 and Qwen3 — RMSNorm, rotary positions, SwiGLU MLP, grouped-query
+attention, optional Q/K/V biases (Qwen2), per-head q/k RMSNorms (Qwen3), tied or untied embeddings — with removable
+norms, and its `transformers` mapping.
 
 Module names follow transformers (`embed_tokens`, `layers.{i}.self_attn.q_proj`, `input_layernorm`, `norm`), so a
 checkpoint maps by adding or stripping the `model.` prefix. Sites: `blocks.{i}.ln1.qk` / `.ln1.v` (input_layernorm as
-read by Q/K and by V), `blocks.{i}.ln2` (post_attention_layernorm), `ln_final` (norm) — the standard layout.
+read by Q/K and by V), `blocks.{i}.ln2` (post_attention_layernorm), `ln_final` (norm) — the standard layout — and,
+for Qwen3, `blocks.{i}.attn.q_norm` / `.k_norm` (kind `qk_norm`), RMSNorms over each head's dimensions that freeze
+with one σ̂ per head and fold into the rows of q_proj / k_proj (before the rotation, as they act).
 A frozen RMSNorm site computes x / σ̂ · γ, so the folded model gains no biases: it is the stock architecture with
 identity norms and an untied head (`architectures: ["LNFree<Arch>"]`, model_type `lnfree_<type>`).
-Qwen3's per-head q/k norms are not supported yet (refused in one line).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
 from .common import causal_attention, load_checked, pre_norm_block, stack_components
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # HF architecture -> model_type
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
@@ -43,6 +45,7 @@ class LlamaConfig:
     attention_bias: bool = False  # Q/K/V/O biases (Llama option)
     mlp_bias: bool = False
     qkv_bias: bool = False  # Q/K/V biases only (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorms of queries and keys (Qwen3)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -93,7 +96,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, i: int):
         super().__init__()
         H, K, dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.n_head, self.n_kv, self.d_head = H, K, dh
@@ -102,14 +105,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, K * dh, bias=qkv_bias)
         self.v_proj = nn.Linear(D, K * dh, bias=qkv_bias)
         self.o_proj = nn.Linear(H * dh, D, bias=cfg.attention_bias)
+        per_head = cfg.qk_norm and cfg.normalization
+        eps, prefix = cfg.rms_norm_eps, f"blocks.{i}.attn"
+        self.q_norm = RemovableLayerNorm(dh, eps, f"{prefix}.q_norm", rms=True, heads=H) if per_head else None
+        self.k_norm = RemovableLayerNorm(dh, eps, f"{prefix}.k_norm", rms=True, heads=K) if per_head else None
         self.dropout_p = 0.0  # on the attention weights in training, as transformers' attention_dropout
 
-    def forward(self, x_qk: Tensor, x_v: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None,
-                prefix: str = "") -> Tensor:
+    def forward(self, x_qk: Tensor, x_v: Tensor, cos: Tensor, sin: Tensor, eot_mask: Tensor | None = None,
+                cache: dict | None = None, prefix: str = "") -> Tensor:
         """x_qk, x_v: (B, T, D) → z: (B, T, H, dh), the per-head mix of values before o_proj."""
         B, T, _ = x_qk.shape
-        q = self.q_proj(x_qk).view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, H, T, dh)
-        k = self.k_proj(x_qk).view(B, T, self.n_kv, self.d_head).transpose(1, 2)  # (B, K, T, dh)
+        q = self.q_proj(x_qk).view(B, T, self.n_head, self.d_head)  # (B, T, H, dh)
+        k = self.k_proj(x_qk).view(B, T, self.n_kv, self.d_head)  # (B, T, K, dh)
+        if self.q_norm is not None:  # Qwen3: each head's query and key normalised before the rotation
+            q, k = self.q_norm(q, eot_mask)[0], self.k_norm(k, eot_mask)[0]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, dh), (B, K, T, dh)
         v = self.v_proj(x_v).view(B, T, self.n_kv, self.d_head).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if self.n_kv != self.n_head:  # grouped-query attention: each K/V head serves n_head / n_kv query heads
@@ -138,7 +148,7 @@ class DecoderLayer(nn.Module):
         norm = cfg.normalization
         self.input_layernorm = (RemovableLayerNorm(D, eps, f"blocks.{i}.ln1", paths=("qk", "v"), rms=True)
                                 if norm else None)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, i)
         self.post_attention_layernorm = RemovableLayerNorm(D, eps, f"blocks.{i}.ln2", rms=True) if norm else None
         self.mlp = MLP(cfg)
 
@@ -146,7 +156,7 @@ class DecoderLayer(nn.Module):
                 cache: dict | None) -> Tensor:  # (B, T, D)
         prefix, attn = f"blocks.{self.i}.", self.self_attn
         return pre_norm_block(x, eot_mask, cache, prefix, self.input_layernorm,
-                              lambda a, b: attn(a, b, *rope, cache, prefix), attn.o_proj,
+                              lambda a, b: attn(a, b, *rope, eot_mask, cache, prefix), attn.o_proj,
                               self.post_attention_layernorm, self.mlp)
 
 
@@ -173,7 +183,15 @@ class Llama(LNModel):
         return self.config.max_position_embeddings
 
     def site_layout(self) -> list[SiteSpec]:
-        return standard_layout(self.config.num_hidden_layers)
+        standard = standard_layout(self.config.num_hidden_layers)
+        if not self.config.qk_norm:
+            return standard
+        out = []
+        for site in standard:  # forward order: ln1 (Q/K, V), then q_norm, k_norm, then ln2
+            if site.kind == "ln2":
+                out += [SiteSpec(f"blocks.{site.layer}.attn.{n}", "qk_norm", site.layer) for n in ("q_norm", "k_norm")]
+            out.append(site)
+        return out
 
     def _head(self) -> Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -221,13 +239,21 @@ class Llama(LNModel):
         out = Llama(replace(self.config, normalization=False)).to(self._head().dtype).to(self._head().device)
         out.embed_tokens.weight.copy_(self.embed_tokens.weight)
         for src, dst in zip(self.layers, out.layers, strict=True):
-            dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("self_attn.", "mlp."))})
+            dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("self_attn.", "mlp."))
+                                 and not k.startswith(("self_attn.q_norm.", "self_attn.k_norm."))})
             ln = src.input_layernorm
             for site, projs in ((ln.sites[0], ("q_proj", "k_proj")), (ln.sites[1], ("v_proj",))):
                 for name in projs:
                     a, b = getattr(src.self_attn, name), getattr(dst.self_attn, name)
                     w, _ = fold_layernorm_into_linear(ln.weight, None, site.sigma, a.weight, None, centre=False)
                     b.weight.copy_(w)
+            if src.self_attn.q_norm is not None:  # per-head gains γ/σ̂_h scale each head's rows of q_proj / k_proj
+                for norm, name in ((src.self_attn.q_norm, "q_proj"), (src.self_attn.k_norm, "k_proj")):
+                    proj = getattr(dst.self_attn, name)
+                    scale = (norm.weight[None, :] / norm.sites[0].sigma[:, None]).reshape(-1, 1)  # (H·dh, 1)
+                    proj.weight.copy_(proj.weight * scale)
+                    if proj.bias is not None:
+                        proj.bias.copy_(proj.bias * scale[:, 0])
             ln2 = src.post_attention_layernorm
             for name in ("gate_proj", "up_proj"):
                 a, b = getattr(src.mlp, name), getattr(dst.mlp, name)
@@ -274,11 +300,12 @@ def config_from_hf(hf: dict) -> LlamaConfig:
                          "causal attention")
     if hf.get("hidden_act", "silu") not in _ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; supported: {', '.join(_ACTIVATIONS)}")
-    names = {f.name for f in fields(LlamaConfig)} - {"architecture", "normalization", "qkv_bias"}
+    names = {f.name for f in fields(LlamaConfig)} - {"architecture", "normalization", "qkv_bias", "qk_norm"}
     rope = hf.get("rope_parameters") or {"rope_type": (hf.get("rope_scaling") or {}).get("rope_type", "default"),
                                          "rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
     cfg = LlamaConfig(**{k: v for k, v in hf.items() if k in names and k != "rope_parameters"},
                       rope_parameters=rope, architecture=arch, qkv_bias=arch == "Qwen2ForCausalLM",
+                      qk_norm=arch == "Qwen3ForCausalLM",
                       normalization=hf.get("normalization", not str(hf.get("model_type", "")).startswith("lnfree_")))
     if cfg.hidden_size % cfg.num_attention_heads and hf.get("head_dim") is None:
         raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
@@ -290,7 +317,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
-    hf = {k: v for k, v in asdict(cfg).items() if k not in ("architecture", "normalization", "qkv_bias")}
+    hf = {k: v for k, v in asdict(cfg).items() if k not in ("architecture", "normalization", "qkv_bias", "qk_norm")}
     hf.update(attention_dropout=0.0)
     if cfg.normalization:
         hf.update(architectures=[cfg.architecture], model_type=cfg.model_type)

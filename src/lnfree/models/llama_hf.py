@@ -1,4 +1,4 @@
-"""Llama / Qwen2 in `transformers` without normalization: the family's classes for the `hf` and `hf-compat` exports.
+"""Llama, Qwen2 and Qwen3 in `transformers` without normalization: the family's `hf` and `hf-compat` classes.
 
 `LNFreeLlamaForCausalLM` / `LNFreeQwen2ForCausalLM` are transformers' own classes with every RMSNorm an
 `nn.Identity` and an untied head; a folded RMSNorm adds no bias anywhere, so the checkpoint keys are exactly the
@@ -15,14 +15,24 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from ..method.fold import COMPAT_EPS, TIE_RTOL, HeadNotTiedError
 from .llama import NOLN_PREFIX, Llama, config_to_hf, to_hf
 
 __all__ = ["classes", "register", "to_compat_hf", "to_hf_model", "tl_norm_count"]
 
-_STOCK = {"LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM), "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM)}
+_STOCK = {"LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM), "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
+          "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 def _norm_free_classes(arch: str) -> tuple[type, type]:
@@ -42,6 +52,9 @@ def _norm_free_classes(arch: str) -> tuple[type, type]:
             for layer in self.model.layers:
                 layer.input_layernorm = nn.Identity()
                 layer.post_attention_layernorm = nn.Identity()
+                if hasattr(layer.self_attn, "q_norm"):  # Qwen3's per-head norms
+                    layer.self_attn.q_norm = nn.Identity()
+                    layer.self_attn.k_norm = nn.Identity()
             self.model.norm = nn.Identity()
             self.post_init()
 
@@ -110,14 +123,17 @@ def to_compat_hf(model: Llama, eps: float = COMPAT_EPS) -> nn.Module:
     if unexpected or any("norm" not in k for k in missing):
         raise RuntimeError(f"{cfg.architecture} layout drifted: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for layer in out.model.layers:
-        layer.input_layernorm.weight.fill_(unit)
-        layer.post_attention_layernorm.weight.fill_(unit)
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)]
+        for norm in norms:
+            norm.weight.fill_(unit)
     out.model.norm.weight.copy_(final_gain.to(out.model.norm.weight.dtype))
     return out
 
 
 def tl_norm_count(model: Llama) -> int:
-    return 2 * model.config.num_hidden_layers + 1
+    """Norm bridges TransformerLens' adapter creates: two per layer and the final one (Qwen3: + q/k norms)."""
+    return (4 if model.config.qk_norm else 2) * model.config.num_hidden_layers + 1
 
 
 register()
