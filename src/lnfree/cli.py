@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _add_remove(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
-    p.add_argument("model", help="a GPT-2, Llama or Qwen2 checkpoint folder, hub id or run folder")
+    p.add_argument("model", help="a GPT-2, Llama, Qwen2 or Qwen3 checkpoint folder, hub id or run folder")
     _add_train_options(p)
     p.add_argument("--preset", default="baroni2025")
     p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
