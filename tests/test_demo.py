@@ -34,11 +34,10 @@ def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch):
 def test_planted_writer_makes_position_zero_an_outlier_written_by_block_0_mlp():
     import torch
 
-    from lnfree.demo import plant_position0_writer
     from lnfree.models.gpt2 import GPT2, GPT2Config, init_weights
 
     model = init_weights(GPT2(GPT2Config(vocab_size=64, n_positions=32, n_embd=128, n_layer=2, n_head=2)))
-    plant_position0_writer(model, scale=40.0)
+    model.plant_position0_writer(scale=40.0)
     cache = {}
     with torch.no_grad():
         model(torch.randint(0, 64, (4, 32)), cache=cache)
@@ -62,3 +61,11 @@ def test_fresh_rebuilds_only_its_own_analog(tmp_path, monkeypatch):
     results = run_demo(tmp_path / "out", cfg, fresh=True)
     assert results["pretrain_seconds"] > 0.5  # pretrained again …
     assert (other / "final" / "model.safetensors").read_text() == "another analog's weights"  # … alone
+
+
+def test_the_harder_analog_is_refused_for_families_without_one():
+    from lnfree.models.io import FAMILIES
+
+    model = FAMILIES["llama"].new_model(64, 32, 32, 1, 2, 63, 0)
+    with pytest.raises(ValueError, match="GPT-2 only"):
+        model.plant_position0_writer(40.0)

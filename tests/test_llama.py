@@ -10,10 +10,15 @@ import torch
 import transformers
 
 from conftest import VOCAB, random_tokens
+from family_checks import (
+    frozen_with_distinct_sigmas,
+    interop_reads_the_folded_model,
+    logits_of,
+    perturbed,
+    removal_run_ends_verified,
+)
 from lnfree.export.core import PARITY_TOL, export_model
 from lnfree.export.verify import verify
-from lnfree.method.calibrate import apply_site_states, calibrate
-from lnfree.method.schedule import SiteState
 from lnfree.models import load_model, save_model
 
 CASES = {  # name -> (architecture, config class, heads, kv heads, tied, extra config)
@@ -35,16 +40,8 @@ def make_hf(case: str, seed: int = 0, noise: float = 0.1):
                         "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 64,
                         "tie_word_embeddings": tied, "eos_token_id": VOCAB - 1, "bos_token_id": VOCAB - 1, **extra})
     model = getattr(transformers, arch)(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * noise)
-    return model
+    return perturbed(model, noise)
 
-
-def _logits(model, idx):
-    with torch.no_grad():
-        out = model(idx)
-    return out.logits if hasattr(out, "logits") else out
 
 
 @pytest.fixture(params=list(CASES))
@@ -53,43 +50,32 @@ def case_dir(request, tmp_path):
     return request.param, tmp_path / "hf"
 
 
-def _frozen(folder):
-    """Calibrated, every site frozen with its own σ̂ (Q/K and V paths differ, as after a real run)."""
-    model = load_model(folder).eval()
-    calibrate(model, [random_tokens(seed=s) for s in range(2)])
-    with torch.no_grad():
-        for i, site in enumerate(model.norm_sites().values()):
-            site.sigma.mul_(1.0 + 0.37 * (i % 3) + 0.05 * i)
-    apply_site_states(model, {name: SiteState(True, 0.0, 0.0) for name in model.norm_sites()})
-    return model
-
-
 def test_load_parity_round_trip_and_sites(case_dir, tmp_path):
     case, folder = case_dir
     hf, ours = transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), load_model(folder).eval()
     idx = random_tokens(seq=40)
-    assert (_logits(hf, idx) - _logits(ours, idx)).abs().max().item() <= 1e-4
+    assert (logits_of(hf, idx) - logits_of(ours, idx)).abs().max().item() <= 1e-4
     assert [s.name for s in ours.site_layout()] == list(ours.norm_sites())
     assert all(layer.rms and layer.bias is None for layer in ours.norm_layers())
     save_model(ours, tmp_path / "again")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
     assert type(again).__name__ == CASES[case][0]
-    assert (_logits(again, idx) - _logits(ours, idx)).abs().max().item() <= 1e-4
+    assert (logits_of(again, idx) - logits_of(ours, idx)).abs().max().item() <= 1e-4
 
 
 def test_fold_is_exact_with_distinct_path_sigmas(case_dir):
     _, folder = case_dir
-    model = _frozen(folder)
+    model = frozen_with_distinct_sigmas(folder)
     folded = model.fold().eval()
     assert not folded.has_normalization and folded.lm_head is not None
     idx = random_tokens(seq=40, seed=3)
-    assert (_logits(model, idx) - _logits(folded, idx)).abs().max().item() <= 1e-4
+    assert (logits_of(model, idx) - logits_of(folded, idx)).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("fmt", ["hf", "hf-compat"])
 def test_exports_reload_with_parity_and_verify_passes(case_dir, tmp_path, fmt):
     case, folder = case_dir
-    model = _frozen(folder)
+    model = frozen_with_distinct_sigmas(folder)
     save_model(model.fold(), tmp_path / "folded")
     result = export_model(tmp_path / "folded", tmp_path / "out", fmt)
     assert result.max_abs <= PARITY_TOL[fmt]
@@ -99,7 +85,7 @@ def test_exports_reload_with_parity_and_verify_passes(case_dir, tmp_path, fmt):
     assert type(reloaded).__name__ == arch
     assert not [n for n, m in reloaded.named_modules() if "RMSNorm" in type(m).__name__] or fmt == "hf-compat"
     idx = random_tokens(seq=40, seed=4)
-    assert (_logits(reloaded, idx) - _logits(model, idx)).abs().max().item() <= 1e-4
+    assert (logits_of(reloaded, idx) - logits_of(model, idx)).abs().max().item() <= 1e-4
     if fmt == "hf":
         report = verify(tmp_path / "out")
         assert report.passed, report.failures
@@ -121,30 +107,8 @@ def test_bad_llama_configs_are_refused_in_one_line(tmp_path):
 
 
 def test_a_short_removal_run_ends_norm_free_and_verified(tmp_path):
-    import os
-    from pathlib import Path
-
-    from lnfree.runs import run_removal
-    from lnfree.tokenizer import train_bpe_tokenizer
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(os.__file__).parent
-    for i, name in enumerate(["json/decoder.py", "textwrap.py", "shlex.py"]):
-        (corpus / f"doc{i}.txt").write_text((stdlib / name).read_text())
-    tok = train_bpe_tokenizer(sorted(corpus.iterdir()), 300, tmp_path / "tok")
-    hf = make_hf("qwen2-gqa-tied", noise=0.02)
-    hf.resize_token_embeddings(len(tok))
-    hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_token_id
-    hf.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    overrides = {"steps": 8, "batch_tokens": 4 * 32, "micro_batch": 2, "ctx": 32, "checkpoint_every": 4}
-    run_removal(str(tmp_path / "model"), str(corpus), tmp_path / "run", preset="baroni2025", overrides=overrides,
-                cache_root=tmp_path / "cache", progress=False)
-    final = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
-    assert final["architectures"] == ["LNFreeQwen2ForCausalLM"]
-    report = verify(tmp_path / "run")
-    assert report.passed, report.failures
+    arch = removal_run_ends_verified(make_hf("qwen2-gqa-tied", noise=0.02), tmp_path, "baroni2025")
+    assert arch == "LNFreeQwen2ForCausalLM"
 
 
 def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
@@ -158,33 +122,11 @@ def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
     idx = random_tokens(seq=40)
-    assert (_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= 1e-5
+    assert (logits_of(hf, idx) - logits_of(model, idx)).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen3-gqa-tied"])
 def test_transformer_lens_and_nnsight_read_the_norm_free_llama(tmp_path, case):
     """TransformerLens' Llama / Qwen3 adapters and nnsight run the folded model exactly, with identity norms."""
-    from lnfree.interop import to_nnsight, to_transformer_lens
-    from test_export import save_word_tokenizer
-
     make_hf(case).save_pretrained(tmp_path / "hf")
-    folded = _frozen(tmp_path / "hf").fold().eval()
-    save_model(folded, tmp_path / "folded")
-    save_word_tokenizer(tmp_path / "folded")
-    idx = random_tokens(batch=1, seq=12, seed=8)
-    ours: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        expected = folded(idx, cache=ours)
-    bridge = to_transformer_lens(tmp_path / "folded")
-    with torch.no_grad():
-        logits, cache = bridge.run_with_cache(idx)
-    assert (logits - expected).abs().max().item() <= 1e-5
-    assert (cache["blocks.1.hook_resid_pre"] - ours["blocks.1.hook_resid_pre"]).abs().max().item() <= 1e-5
-    assert torch.equal(cache["blocks.0.ln1.hook_normalized"], cache["blocks.0.hook_resid_pre"])  # identity norm
-    lm = to_nnsight(tmp_path / "folded")
-    with lm.trace(idx):
-        resid = lm.model.layers[0].output.save()
-        out = lm.lm_head.output.save()
-    resid = resid[0] if isinstance(resid, tuple) else resid
-    assert (resid - ours["blocks.0.hook_resid_post"]).abs().max().item() <= 1e-5
-    assert (out - expected).abs().max().item() <= 1e-5
+    interop_reads_the_folded_model(tmp_path / "hf", tmp_path)

@@ -62,7 +62,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def _add_remove(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
-    p.add_argument("model", help="a GPT-2, Llama, Qwen2 or Qwen3 checkpoint folder, hub id or run folder")
+    p.add_argument("model", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run folder")
     _add_train_options(p)
     p.add_argument("--preset", default="baroni2025")
     p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
@@ -89,7 +89,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--family", default="gpt2", help="model family: gpt2 (LayerNorm) or llama (RMSNorm)")
+    p.add_argument("--family", default="gpt2", help="model family: gpt2, gpt_neox or llama")
     p.set_defaults(func=_run_pretrain)
 
 
@@ -166,7 +166,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="pretrain this analog again and clear --out (other cached analogs are kept)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
-    p.add_argument("--family", default="gpt2", help="the analog's family: gpt2 (LayerNorm) or llama (RMSNorm)")
+    p.add_argument("--family", default="gpt2", help="the analog's family: gpt2, gpt_neox or llama")
     p.set_defaults(func=_run_demo)
 
 

@@ -14,6 +14,42 @@ from torch import Tensor, nn
 from ..method.sites import RemovableLayerNorm
 
 
+class RotaryEmbedding(nn.Module):
+    """cos/sin of rotary positions over the first `dim` dimensions of each head, as transformers computes them:
+    the default rope here, other rope types (llama3, yarn, …) through transformers' own initialisers, which read
+    the model's transformers config (`hf_config()`), so scaled variants match."""
+
+    def __init__(self, dim: int, rope: dict | None, hf_config: Callable[[], object] | None = None):
+        super().__init__()
+        rope = dict(rope or {})
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            theta = rope.get("rope_theta", 10000.0)
+            inv_freq, self.scaling = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[kind](hf_config())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        # in float32 whatever the model's dtype, as transformers does: a float64 model then matches it exactly
+        inv_freq = self.inv_freq.to(device=device, dtype=torch.float)
+        freqs = torch.arange(T, device=device, dtype=torch.float)[:, None] * inv_freq  # (T, r/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, r)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, dh); rotates its first r = cos.shape[-1] dimensions (transformers' rotate_half convention;
+    GPT-NeoX's partial rotary leaves the rest as they are)."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, cache: dict | None, prefix: str) -> Tensor:
     """q, k, v: (B, H, T, dh) → z: (B, T, H, dh). The attention pattern is only materialised when someone asks
     to look at it (cache given), under `{prefix}attn.hook_pattern`."""
@@ -47,6 +83,21 @@ def pre_norm_block(x: Tensor, eot_mask: Tensor | None, cache: dict | None, prefi
     return resid_post
 
 
+def rotary_decoder(model: nn.Module, x: Tensor, layers: nn.ModuleList, rotary: RotaryEmbedding,
+                   final_norm: RemovableLayerNorm | None, eot_mask: Tensor | None,
+                   cache: dict | None) -> tuple[Tensor, Tensor]:
+    """Embedded tokens (B, T, D) through every layer (each gets the rotary cos/sin) and the final norm: returns
+    (final residual, normalised output) and caches `ln_final.hook_normalized`."""
+    cos, sin = rotary(x.shape[1], x.device)
+    rope = (cos.to(x.dtype), sin.to(x.dtype))
+    for layer in layers:
+        x = model.run_block(layer, x, rope, eot_mask, cache=cache)
+    final = final_norm(x, eot_mask)[0] if final_norm is not None else x
+    if cache is not None:
+        cache["ln_final.hook_normalized"] = final
+    return x, final
+
+
 def stack_components(cache: dict[str, Tensor], embeds: list[str], out_projs: list[nn.Linear],
                      n_head: int) -> tuple[list[str], Tensor]:
     """Every write to the final residual stream, (N, B, T, D): the named embedding hooks, each head's z · W_O
@@ -68,9 +119,32 @@ def stack_components(cache: dict[str, Tensor], embeds: list[str], out_projs: lis
     return names, torch.stack(parts)
 
 
-def load_checked(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
+def init_normal(model: nn.Module, seed: int = 0) -> nn.Module:
+    """transformers' initialisation of Llama- and NeoX-style models: normal(0, 0.02) for every matrix and
+    embedding, norm gains 1, biases 0 (for pretraining the offline analogs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def hf_state(model: nn.Module, body_prefix: str) -> dict[str, Tensor]:
+    """Our state dict in transformers' keys: σ̂ buffers and rotary tables dropped, the body under `body_prefix`
+    (e.g. "model."), the head at the top."""
+    return {(k if k.startswith("lm_head.") else body_prefix + k): t.contiguous()
+            for k, t in model.state_dict().items() if ".sites." not in k and not k.startswith("rotary.")}
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], what: str, norm_eps: float) -> None:
     """Load a state dict already mapped to our keys: every tensor known and of the right shape, every parameter
-    present (σ̂ buffers keep their defaults: transformers checkpoints have none)."""
+    present (σ̂ buffers keep their defaults: transformers checkpoints have none). A model with norms whose eps is
+    the published LN-free convention's is read as frozen (`LNModel.adopt_published_convention`)."""
     ours = model.state_dict()
     for key, tensor in state.items():
         if key not in ours:
@@ -82,3 +156,5 @@ def load_checked(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=False)
+    if model.has_normalization:
+        model.adopt_published_convention(norm_eps)

@@ -283,9 +283,7 @@ def from_hf(hf_config: dict, state: dict[str, Tensor]) -> GPT2:
                                  "GPT-2 with LayerNorm does not support; tie it or export it norm-free")
             continue  # the tied duplicate of wte
         loaded[k] = tensor.t() if k.endswith(_CONV1D) else tensor
-    load_checked(model, loaded, f"GPT-2 ({cfg.n_layer} layers)")
-    if cfg.normalization:
-        model.adopt_published_convention(cfg.layer_norm_epsilon)
+    load_checked(model, loaded, f"GPT-2 ({cfg.n_layer} layers)", cfg.layer_norm_epsilon)
     return model
 
 

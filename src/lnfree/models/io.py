@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from .base import Family, LNModel
 from .gpt2 import GPT2_FAMILY
 from .llama import LLAMA_FAMILY
+from .neox import NEOX_FAMILY
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2_FAMILY, LLAMA_FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2_FAMILY, LLAMA_FAMILY, NEOX_FAMILY)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
 

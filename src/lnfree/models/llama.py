@@ -23,7 +23,17 @@ from ..method.fold import fold_layernorm_into_linear
 from ..method.schedule import SiteSpec, standard_layout
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
-from .common import causal_attention, load_checked, pre_norm_block, stack_components
+from .common import (
+    RotaryEmbedding,
+    causal_attention,
+    hf_state,
+    init_normal,
+    load_checked,
+    pre_norm_block,
+    rotary_decoder,
+    rotate,
+    stack_components,
+)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -61,40 +71,6 @@ class LlamaConfig:
         return ARCHITECTURES[self.architecture]
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin of the rotary positions, as transformers computes them (other rope types through its own
-    initialisers, so scaled variants match)."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        rope = dict(cfg.rope_parameters or {})
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind == "default":
-            theta, dim = rope.get("rope_theta", 10000.0), cfg.head_dim
-            inv_freq, self.scaling = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-        else:
-            from transformers import AutoConfig
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            hf = AutoConfig.for_model(cfg.model_type, **{k: v for k, v in config_to_hf(cfg).items()
-                                                          if k not in ("model_type", "architectures")})
-            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[kind](hf)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        # in float32 whatever the model's dtype, as transformers does: a float64 model then matches it exactly
-        inv_freq = self.inv_freq.to(device=device, dtype=torch.float)
-        freqs = torch.arange(T, device=device, dtype=torch.float)[:, None] * inv_freq  # (T, dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, dh)
-        return emb.cos() * self.scaling, emb.sin() * self.scaling
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, dh); transformers' rotate_half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, i: int):
         super().__init__()
@@ -121,7 +97,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q, eot_mask)[0], self.k_norm(k, eot_mask)[0]
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, dh), (B, K, T, dh)
         v = self.v_proj(x_v).view(B, T, self.n_kv, self.d_head).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if self.n_kv != self.n_head:  # grouped-query attention: each K/V head serves n_head / n_kv query heads
             k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
         return causal_attention(q, k, v, self.dropout_p if self.training else 0.0, cache, prefix)
@@ -167,7 +143,7 @@ class Llama(LNModel):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters, lambda: _hf_config_object(cfg))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RemovableLayerNorm(cfg.hidden_size, cfg.rms_norm_eps, "ln_final", rms=True) \
             if cfg.normalization else None
@@ -205,12 +181,7 @@ class Llama(LNModel):
         x = self.embed_tokens(idx)  # (B, T, D)
         if cache is not None:
             cache["hook_embed"] = x
-        cos, sin = self.rotary(T, idx.device)
-        for layer in self.layers:
-            x = self.run_block(layer, x, (cos.to(x.dtype), sin.to(x.dtype)), eot_mask, cache=cache)
-        final = self.norm(x, eot_mask)[0] if self.norm is not None else x
-        if cache is not None:
-            cache["ln_final.hook_normalized"] = final
+        x, final = rotary_decoder(self, x, self.layers, self.rotary, self.norm, eot_mask, cache)
         logits = F.linear(final, self._head())  # (B, T, V)
         if return_final_std:
             std = self.norm.input_std(x) if self.norm is not None else x.pow(2).mean(-1).sqrt()
@@ -265,19 +236,12 @@ class Llama(LNModel):
         return out
 
 
-def init_weights(model: Llama, seed: int = 0) -> Llama:
-    """transformers' Llama initialisation (normal 0.02 for every matrix and the embedding, norm gains 1, biases 0),
-    for pretraining."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
+def _hf_config_object(cfg: LlamaConfig):
+    """transformers' own config object for this model (its rope initialisers read one)."""
+    from transformers import AutoConfig
+
+    hf = {k: v for k, v in config_to_hf(cfg).items() if k not in ("model_type", "architectures")}
+    return AutoConfig.for_model(cfg.model_type, **hf)
 
 
 # ---- transformers checkpoint mapping --------------------------------------------------------------------------
@@ -340,19 +304,12 @@ def from_hf(hf_config: dict, state: dict[str, Tensor]) -> Llama:
                 raise ValueError("tie_word_embeddings is true but lm_head differs from embed_tokens; fix the config")
             continue
         loaded[k] = tensor
-    load_checked(model, loaded, f"{cfg.architecture} ({cfg.num_hidden_layers} layers)")
-    if cfg.normalization:
-        model.adopt_published_convention(cfg.rms_norm_eps)
+    load_checked(model, loaded, f"{cfg.architecture} ({cfg.num_hidden_layers} layers)", cfg.rms_norm_eps)
     return model
 
 
 def to_hf(model: Llama) -> tuple[dict, dict[str, Tensor]]:
-    state = {}
-    for k, tensor in model.state_dict().items():
-        if ".sites." in k or k.startswith("rotary."):
-            continue
-        state[k if k.startswith("lm_head.") else "model." + k] = tensor.contiguous()
-    return config_to_hf(model.config), state
+    return config_to_hf(model.config), hf_state(model, "model.")
 
 
 LLAMA_FAMILY = Family(
@@ -360,7 +317,7 @@ LLAMA_FAMILY = Family(
     model_types=(*ARCHITECTURES.values(), *(f"lnfree_{t}" for t in ARCHITECTURES.values())),
     from_hf=from_hf, to_hf=to_hf, build=lambda hf: Llama(config_from_hf(hf)),
     config_dict=lambda m: config_to_hf(m.config), hf_module="lnfree.models.llama_hf",
-    new_model=lambda vocab, ctx, d, n_layers, n_heads, eos, seed: init_weights(Llama(LlamaConfig(
+    new_model=lambda vocab, ctx, d, n_layers, n_heads, eos, seed: init_normal(Llama(LlamaConfig(
         vocab_size=vocab, max_position_embeddings=ctx, hidden_size=d, intermediate_size=8 * d // 3 // 8 * 8,
         num_hidden_layers=n_layers, num_attention_heads=n_heads, tie_word_embeddings=True, bos_token_id=eos,
         eos_token_id=eos)), seed))
