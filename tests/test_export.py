@@ -271,7 +271,11 @@ def test_run_checkpoint_with_distinct_path_sigmas_exports_its_function(tmp_path,
     state = RunState(step=7, train={}, schedule={}, data={}, model_config=json.loads(
         (dirs["ln"] / "config.json").read_text()), family="gpt2", history=[], extra={})
     save_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()), state)
-    export_model(tmp_path / "run", tmp_path / "out", fmt)
+    with pytest.raises(ValueError, match="unfinished run .*step 7 of .*--allow-partial"):
+        export_model(tmp_path / "run", tmp_path / "out", fmt)  # a run without final/ is not silently exported
+    export_model(tmp_path / "run", tmp_path / "out", fmt, allow_partial=True)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Partial:** taken from an unfinished run's checkpoint at step 7" in card
     idx = random_tokens(batch=2, seq=40, seed=7)
     with torch.no_grad():
         expected = model(idx)

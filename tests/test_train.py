@@ -291,3 +291,15 @@ def test_weight_decay_groups_follow_each_code(hf_gpt2_dir):
     trainer = make_optimizer(model, TrainConfig(decay_norm_weights=True), torch.device("cpu"))
     expected = {n for n in get_parameter_names(model, [torch.nn.LayerNorm]) if "bias" not in n}
     assert decayed(trainer) == expected and any(".ln_" in n for n in expected)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_before_training(tiny_setup, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_setup["model"] / name, bare / name)
+    out = _remove(dict(tiny_setup, model=bare), tmp_path / "run", check=False)
+    _one_line_error(out, "no tokenizer in", "copy the model's tokenizer files")
+    assert not (tmp_path / "run").exists()

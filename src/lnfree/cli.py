@@ -195,13 +195,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="hf", choices=("hf", "hf-compat"), dest="fmt",
                    help="hf: the norm-free class (LNFree<Arch>, no norms); hf-compat: the stock class, eps=1e12")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="export an unfinished run's newest checkpoint (the card says so)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from .export.core import PARITY_TOL, export_model
 
-    result = export_model(args.source, args.out, args.fmt, push_to_hub=args.push_to_hub)
+    result = export_model(args.source, args.out, args.fmt, push_to_hub=args.push_to_hub,
+                          allow_partial=args.allow_partial)
     parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
     fp32 = ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
     print(f"wrote {result.path} ({result.format}); reload parity, max-abs logits: {parity} in float64 "

@@ -363,6 +363,8 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
 
     if not data and not tasks:
         raise ValueError("nothing to evaluate: give --data and/or --tasks")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     for name in data:  # refuse a typo before downloading or tokenizing anything
         check_dataset_name(name)
     labels = model_labels(sources, names)

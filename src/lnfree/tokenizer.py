@@ -86,8 +86,14 @@ def load_tokenizer(path_or_id: str | os.PathLike[str]) -> PreTrainedTokenizerBas
     from transformers import AutoTokenizer
 
     target = str(path_or_id)
+    folder = Path(target).expanduser()
+    vocab_files = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+    if folder.is_dir() and not any((folder / name).is_file() for name in vocab_files):
+        # transformers would build a 1-token tokenizer from config.json alone, and training would then fail late
+        raise ValueError(f"no tokenizer in {folder} (none of {', '.join(vocab_files)}); copy the model's tokenizer "
+                         "files there, or pass a tokenizer folder")
     try:
-        return AutoTokenizer.from_pretrained(target)
+        tok = AutoTokenizer.from_pretrained(target)
     except Exception as err:  # noqa: BLE001 - any failure becomes the same actionable message
         where = "local folder" if Path(target).exists() else "local folder or hub id"
         raise ValueError(
@@ -95,6 +101,9 @@ def load_tokenizer(path_or_id: str | os.PathLike[str]) -> PreTrainedTokenizerBas
             "tokenizer.json + tokenizer_config.json (e.g. made by lnfree.tokenizer.train_bpe_tokenizer), "
             "or a hub id that is in the local HF cache or reachable online"
         ) from err
+    if len(tok) < 2:
+        raise ValueError(f"the tokenizer in {target!r} has {len(tok)} token(s); pass the model's real tokenizer")
+    return tok
 
 
 def tokenizer_fingerprint(tok: Any) -> str:

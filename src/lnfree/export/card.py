@@ -131,7 +131,8 @@ def render_card(src: Source, result: ExportResult) -> str:
         f"---\nlibrary_name: transformers\ntags:\n- lnfree\n- layernorm-free\n- {family.name}\n---",
         f"# LayerNorm-free {display}",
         f"Exported by `lnfree export` from `{src.name}`"
-        + (" (frozen norm sites folded into the weights)." if src.folded_here else "."),
+        + (" (frozen norm sites folded into the weights)." if src.folded_here else ".")
+        + (f" **Partial:** taken from an unfinished run's checkpoint at {src.partial}." if src.partial else ""),
         "The model has no normalization: the residual stream is read by linear maps only, so direct logit "
         "attribution is exact (logits = Σ components · W_U + b_U).",
         f"Format: {_format_text(result.format, *classes)}",

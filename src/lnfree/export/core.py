@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ class Source:
     model_dir: Path | None  # folder holding config.json and tokenizer files (None for a run checkpoint)
     run_dir: Path | None  # `lnfree remove` run folder (run.json, metrics.jsonl, eval*.json), if any
     folded_here: bool  # True when the source still had (frozen) norm sites and we folded it
+    partial: str | None = None  # "step N of M" when exported from an unfinished run's checkpoint (--allow-partial)
 
 
 @dataclass
@@ -83,18 +85,19 @@ def as_norm_free(model: LNModel, what: str = "model") -> tuple[LNModel, bool]:
     return model.fold().eval(), True
 
 
-def load_any(source: str | os.PathLike) -> tuple[LNModel, Path | None, Path | None]:
-    """(model as stored — live, frozen or folded —, its model folder, its run folder) for any source; a run
-    without final/ gives its newest checkpoint."""
+def load_norm_free(source: str | os.PathLike, allow_partial: bool = True) -> Source:
+    """Resolve `source` (see module docstring) to a norm-free model, or raise a one-line error. A run folder
+    without final/ (an unfinished run) is read from its newest checkpoint only with `allow_partial`."""
     model, where = load_source(source, unfinished_runs=True)
-    return model, where.model_dir, where.run_dir
-
-
-def load_norm_free(source: str | os.PathLike) -> Source:
-    """Resolve `source` (see module docstring) to a norm-free GPT-2, or raise a one-line error."""
-    model, model_dir, run_dir = load_any(source)
+    partial = None
+    if where.checkpoint is not None:
+        state = json.loads((where.checkpoint / "state.json").read_text())
+        partial = f"step {state['step']} of {state.get('schedule', {}).get('total_steps', '?')}"
+        if not allow_partial:
+            raise ValueError(f"{source} is an unfinished run (no final/; newest checkpoint at {partial}); finish it "
+                             "with `lnfree remove … --resume`, or pass --allow-partial to export that checkpoint")
     folded, did_fold = as_norm_free(model, str(source))
-    return Source(folded, str(source), model_dir, run_dir, did_fold)
+    return Source(folded, str(source), where.model_dir, where.run_dir, did_fold, partial)
 
 
 def resolve(model_or_path: LNModel | str | os.PathLike, tokenizer: Any = None) -> tuple[LNModel, Any]:
@@ -226,11 +229,12 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt: str = "hf", *,
-                 card: bool = True, push_to_hub: str | None = None) -> ExportResult:
-    """Export `source` to `out` in format `fmt`, parity-checked; returns the measured reload errors."""
+                 card: bool = True, push_to_hub: str | None = None, allow_partial: bool = False) -> ExportResult:
+    """Export `source` to `out` in format `fmt`, parity-checked; returns the measured reload errors. An
+    unfinished run is refused unless `allow_partial` (the card then says which checkpoint it came from)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    src = source if isinstance(source, Source) else load_norm_free(source)
+    src = source if isinstance(source, Source) else load_norm_free(source, allow_partial)
     out = Path(out).expanduser()
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import LNModel
-from .core import FORMATS, PARITY_TOL, as_norm_free, load_any, reload_parity, sample_batches, write_format
+from ..models.io import load_source
+from .core import FORMATS, PARITY_TOL, as_norm_free, reload_parity, sample_batches, write_format
 
 DLA_REL_TOL = 1e-4  # Σ|DLA − DE| / Σ|DE|; float rounding of a norm-free model gives ~1e-7
 DLA_ABS_TOL = 1e-8  # max-abs logits missed by the linear decomposition, in float64 (measured ~1e-14)
@@ -164,7 +165,7 @@ def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
     if isinstance(model_or_path, LNModel):
         model, name = model_or_path, getattr(model_or_path, "source", type(model_or_path).__name__)
     else:
-        model, name = load_any(model_or_path)[0], str(model_or_path)
+        model, name = load_source(model_or_path, unfinished_runs=True)[0], str(model_or_path)
     model.eval()
     sites = model.normalising_sites()
     if not sites and model.has_normalization:
