@@ -134,7 +134,7 @@ def test_load_tokenizer_failure_is_one_line(tmp_path):
     with pytest.raises(ValueError) as err:
         load_tokenizer(missing)
     message = str(err.value)
-    assert "\n" not in message and str(missing) in message and "train_bpe_tokenizer" in message
+    assert "\n" not in message and str(missing) in message and "no tokenizer in" in message
 
 
 # ---------------------------------------------------------------------------------------------- token cache
@@ -429,15 +429,16 @@ def test_sequences_are_non_overlapping_slices_without_bos(corpus_cache):
         corpus_cache.sequence(n, ctx)
 
 
-def test_sequential_iteration_is_in_order_and_drops_last_batch(corpus_cache):
+def test_sequential_iteration_is_in_order_and_keeps_the_last_batch(corpus_cache):
     ctx, batch_size = 16, 5
     sampler = SequenceSampler(corpus_cache, ctx, seed=0, shuffle=False)
     batches = list(sampler.iter_batches(batch_size))
     n = corpus_cache.n_sequences(ctx)
-    assert len(batches) == n // batch_size
-    assert all(b.shape == (batch_size, ctx) and b.dtype == torch.int64 for b in batches)
+    assert n % batch_size and len(batches) == n // batch_size + 1
+    assert all(b.shape == (batch_size, ctx) and b.dtype == torch.int64 for b in batches[:-1])
+    assert batches[-1].shape == (n % batch_size, ctx)
     got = np.concatenate([b.numpy() for b in batches])
-    expected = np.stack([corpus_cache.sequence(i, ctx) for i in range(len(batches) * batch_size)])
+    expected = np.stack([corpus_cache.sequence(i, ctx) for i in range(n)])
     np.testing.assert_array_equal(got, expected)
 
 

@@ -318,3 +318,17 @@ def test_one_resolver_for_every_command(workdir, model_dir, capsys):
     save_model(model, finished / "final", tokenizer_from=model_dir)
     where = resolve_source(finished)
     assert where.model_dir == finished / "final" and where.run_dir == finished
+
+
+def test_every_sequence_counts_whatever_the_batch_size(model_dir, cache):
+    """CE is a property of the data, not of --batch-size: 1, 3 and 8 score the same sequences (the last batch
+    smaller), also under a --tokens budget that ends mid-batch."""
+    model = load_model(model_dir).eval()
+    n_seq = cache.n_sequences(CTX)
+    assert n_seq % 3 and n_seq % 8  # the batch sizes below do not divide the data
+    for max_tokens, expected in ((None, n_seq), (CTX * 10, 10)):
+        stats = [compare({"m": model}, {"d": cache}, ctx=CTX, batch_size=bs, max_tokens=max_tokens,
+                         progress=False)["ce"]["d"]["m"] for bs in (1, 3, 8)]
+        assert {s["n_tokens"] for s in stats} == {expected * (CTX - 1)}
+        assert stats[1]["mean"] == pytest.approx(stats[0]["mean"], abs=1e-6)
+        assert stats[2]["mean"] == pytest.approx(stats[0]["mean"], abs=1e-6)

@@ -3,7 +3,7 @@
 Protocol (Baroni et al. 2025, as in Heimersheim 2024): documents + EOT concatenated into one stream (the
 token cache of `lnfree.data`), cut into non-overlapping `ctx`-token sequences (ctx = 1024, or the model's
 context if shorter), no BOS prepended, the loss of every next-token prediction inside each sequence
-(ctx − 1 per sequence, EOT targets included), fp32, the last incomplete batch dropped. The mean over tokens is
+(ctx − 1 per sequence, EOT targets included), fp32, every sequence scored whatever the batch size. The mean is
 the headline number; the distribution (median, p95, p99.9, max) and the worst sequences are kept beside it
 because an LN-free model can post a huge mean from a handful of sequences (XL on the Pile: mean 130, median
 1.09, from 3 sequences).
@@ -256,9 +256,12 @@ def _eval_batches(cache: Any, ctx: int, batch_size: int, max_tokens: int | None)
     if n_seq == 0:
         raise ValueError(f"{cache.path}: fewer than {ctx} tokens to evaluate (one sequence of --ctx)")
     batch_size = min(batch_size, n_seq)
-    n_batches = n_seq // batch_size
+    n_batches = -(-n_seq // batch_size)  # the last batch may be smaller: every sequence counts
     sampler = SequenceSampler(cache, ctx, shuffle=False)
-    return islice(sampler.iter_batches(batch_size), n_batches), n_batches, batch_size
+    batches = islice(sampler.iter_batches(batch_size), n_batches)
+    if max_tokens is not None and n_seq % batch_size:  # trim the last batch to the token budget
+        batches = (b[: n_seq - i * batch_size] for i, b in enumerate(batches))
+    return batches, n_batches, batch_size
 
 
 # ---- comparisons and tables --------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def compare(models: dict[str, nn.Module], datasets: dict[str, Any], *, ctx: int 
     device = torch.device(device) if device is not None else model_device(next(iter(models.values())))
     results: dict[str, Any] = {
         "protocol": {"ctx": ctx, "dtype": dtype, "batch_size": batch_size, "bos_prepended": False,
-                     "eot_targets": True, "last_incomplete_batch": "dropped", "max_tokens": max_tokens},
+                     "eot_targets": True, "last_incomplete_batch": "scored", "max_tokens": max_tokens},
         "models": {n: _model_info(m) for n, m in models.items()},
         "datasets": {}, "ce": {}, "benchmarks": {}}
     if reference is not None:

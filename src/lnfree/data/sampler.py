@@ -65,12 +65,12 @@ class SequenceSampler:
         return self._gather(np.concatenate(parts))
 
     def iter_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """One pass over all sequences in epoch-0 order (stream order when ``shuffle=False``), in
-        (batch_size, ctx) batches; the last incomplete batch is dropped. Does not move the cursor."""
+        """One pass over every sequence in epoch-0 order (stream order when ``shuffle=False``), in
+        (batch_size, ctx) batches, the last one smaller when the count does not divide. Does not move the cursor."""
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         order = self.epoch_order(0)
-        for start in range(0, self.n_sequences - batch_size + 1, batch_size):
+        for start in range(0, self.n_sequences, batch_size):
             yield self._gather(order[start : start + batch_size])
 
     def state_dict(self) -> dict[str, int]:
