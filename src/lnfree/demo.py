@@ -33,7 +33,7 @@ from .method.schedule import SiteState
 from .models import load_model
 from .models.base import LNModel
 from .models.io import FAMILIES
-from .plots import plot_loss
+from .plots import plot_loss, site_colour
 from .runs import run_pretrain, run_removal
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -250,9 +250,7 @@ def _plots(out: Path, sigmas: dict, models: dict, batch: torch.Tensor) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 4))
     names = list(sigmas)
-    ax.bar(range(len(names)), [sigmas[n] for n in names], color=[
-        "tab:orange" if n.endswith(".qk") else "tab:green" if n.endswith(".v") else
-        "tab:blue" if n.endswith("ln2") else "tab:red" for n in names])
+    ax.bar(range(len(names)), [sigmas[n] for n in names], color=[site_colour(n)[1] for n in names])
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_ylabel("frozen σ̂")
     ax.set_title("σ̂ per site at the end of removal")

@@ -10,7 +10,15 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-_EVENT_COLOURS = {"ln2": "tab:blue", "ln1.qk": "tab:orange", "ln1.v": "tab:green", "ln_final": "tab:red"}
+# Colour by the site's role, read from its name's ending (TransformerLens-style site names, every family).
+_EVENT_COLOURS = {"ln2": "tab:blue", "ln1.qk": "tab:orange", "_norm": "tab:purple", "ln1.v": "tab:green",
+                  "ln_final": "tab:red"}
+
+
+def site_colour(site: str) -> tuple[str, str]:
+    """(role, colour) of a site name: blocks.3.ln1.qk -> ("ln1.qk", "tab:orange"); Qwen3's q/k norms purple."""
+    role = next((key for key in _EVENT_COLOURS if site.endswith(key)), "ln_final")
+    return role, _EVENT_COLOURS[role]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -55,8 +63,8 @@ def plot_loss(run_dir: Path, out: Path | None = None) -> Path | None:
     schedule = _run_info(run_dir).get("schedule", {})
     seen = set()
     for site, step in schedule.get("freeze_at", {}).items():
-        kind = next((key for key in _EVENT_COLOURS if site.endswith(key)), "ln_final")
-        ax.axvline(step, color=_EVENT_COLOURS[kind], lw=0.6, alpha=0.5,
+        kind, colour = site_colour(site)
+        ax.axvline(step, color=colour, lw=0.6, alpha=0.5,
                    label=f"freeze {kind}" if kind not in seen else None)
         seen.add(kind)
     for key, label, style in (("eot_off", "EOT special σ̂ removed", ":"), ("bos_off", "BOS special σ̂ removed", "--")):
