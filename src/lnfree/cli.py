@@ -83,7 +83,7 @@ def _run_remove(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="train a small GPT-2 (with LayerNorm) from scratch")
+    p = sub.add_parser("pretrain", help="train a small model (with its norms) from scratch")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (AutoTokenizer)")
     _add_train_options(p)
     p.add_argument("--layers", type=int, default=6)
@@ -160,7 +160,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="offline end-to-end demo on a GPT-2 analog pretrained on the Python stdlib")
+    p = sub.add_parser("demo", help="offline end-to-end demo on a small analog pretrained on the Python stdlib")
     p.add_argument("--out", type=Path, default=Path("lnfree-demo"), help="report folder (default ./lnfree-demo)")
     p.add_argument("--fresh", action="store_true",
                    help="pretrain this analog again and clear --out (other cached analogs are kept)")

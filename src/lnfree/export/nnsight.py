@@ -1,7 +1,7 @@
 """nnsight interop: trace, read and edit the norm-free model's activations.
 
-nnsight wraps a transformers model, so we hand it the in-memory `LNFreeGPT2LMHeadModel` (same module tree
-as GPT-2: `transformer.h[i]`, `lm_head`; the norms are identities) together with a tokenizer — without one
+nnsight wraps a transformers model, so we hand it the family's in-memory norm-free class (the stock module tree,
+e.g. GPT-2's `transformer.h[i]`, `lm_head`; the norms are identities) together with a tokenizer — without one
 nnsight cannot guess a tokenizer for a pre-built model. nnsight 0.8 deprecates `LanguageModel` in favour of
 `TransformersModel(…, task="text-generation")`, of which `LanguageModel` is now a warning-only subclass; we
 use `TransformersModel` where it exists and fall back to `LanguageModel` on older nnsight (≥ 0.4).

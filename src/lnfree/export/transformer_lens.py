@@ -11,10 +11,11 @@ facts that shape this module (see shared/docs/interop.md):
     own without patching TransformerLens globals.
 
 What we do: resolve the source with our own loader (a published eps=1e12 model is read as frozen sites and
-folded, never fed to the bridge's LN recomputation), build the transformers `LNFreeGPT2LMHeadModel` (GPT-2
-modules with Identity norms, untied head with bias), boot the stock GPT-2 adapter on it — selected through
-boot's own `hf_config_overrides={"original_architecture": "GPT2LMHeadModel"}` on the bridge's config copy —
-then switch every `NormalizationBridge` to the native path and set `cfg.normalization_type = None`.
+folded, never fed to the bridge's LN recomputation), build the family's norm-free transformers class (GPT-2:
+`LNFreeGPT2LMHeadModel`, its modules with Identity norms and an untied head with bias), boot the stock adapter of
+the family's architecture on it — selected through boot's own `hf_config_overrides={"original_architecture":
+…}` on the bridge's config copy — then switch every `NormalizationBridge` to the native path and set
+`cfg.normalization_type = None`. Measured: exact for GPT-2, GPT-NeoX, Llama, Qwen2 and Qwen3 (tests).
 That last step tells `ActivationCache.apply_ln_to_stack` that there is nothing to centre or scale, so
 `decompose_resid` / `accumulated_resid` / `stack_head_results` with `apply_ln=True` stay exact sums.
 We chose this over registering a `GPT2ArchitectureAdapter` subclass because it uses only boot's public
