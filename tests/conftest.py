@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,23 @@ def random_tokens(batch=3, seq=24, vocab=VOCAB, seed=0, eot_every=7):
     idx = torch.randint(0, vocab - 1, (batch, seq), generator=g)
     idx[:, eot_every::eot_every] = vocab - 1
     return idx
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A local text corpus, a BPE tokenizer trained on it, and a random GPT-2 folder with that tokenizer."""
+    from lnfree.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("setup")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    stdlib = Path(os.__file__).parent
+    for i, name in enumerate(["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "glob.py"]):
+        (corpus / f"doc{i}.txt").write_text((stdlib / name).read_text())
+    tok = train_bpe_tokenizer(sorted(corpus.iterdir()), 300, root / "tok")
+    hf = make_hf_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=len(tok), n_positions=32, noise=0.02)
+    hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_token_id
+    model_dir = root / "model"
+    hf.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return {"corpus": corpus, "model": model_dir, "cache": root / "cache", "root": root}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,26 +21,6 @@ from lnfree.train import TrainingDiverged, _guard, aux_std_loss, next_token_loss
 CTX = 32
 RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2", "--ctx", str(CTX),
             "--checkpoint-every", "3", "--warmup", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """A local text corpus, a BPE tokenizer trained on it, and a random GPT-2 folder with that tokenizer."""
-    from lnfree.tokenizer import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("setup")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    stdlib = Path(os.__file__).parent
-    for i, name in enumerate(["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py", "glob.py"]):
-        (corpus / f"doc{i}.txt").write_text((stdlib / name).read_text())
-    tok = train_bpe_tokenizer(sorted(corpus.iterdir()), 300, root / "tok")
-    hf = make_hf_gpt2(n_layer=2, n_head=2, n_embd=32, vocab=len(tok), n_positions=CTX, noise=0.02)
-    hf.config.eos_token_id = hf.config.bos_token_id = tok.eos_token_id
-    model_dir = root / "model"
-    hf.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    return {"corpus": corpus, "model": model_dir, "cache": root / "cache", "root": root}
 
 
 # A preset whose 12 steps keep sites live, freezes pending and specials weighted past the kill point (step 7;

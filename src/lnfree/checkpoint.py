@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,33 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (state.json written last), oldest first."""
     folder = checkpoint_dir(run_dir)
     found = sorted(folder.glob(f"{_PREFIX}*")) if folder.is_dir() else []
-    found = [p for p in found if (p / "state.json").is_file()]
+    return [p for p in found if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def load_latest_readable(run_dir: Path, model: LNModel, optimizer: torch.optim.Optimizer) -> tuple[Path, RunState]:
+    """Restore the newest checkpoint that reads back whole; an unreadable one (a truncated file, a disk error)
+    is skipped with a warning, so a corrupt newest checkpoint falls back to the one before."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start")
+    for path in reversed(found):
+        try:
+            _, state = load_checkpoint(path, model, optimizer)
+            return path, state
+        except Exception as e:  # noqa: BLE001 - safetensors, json and shape errors all mean "unreadable"
+            print(f"lnfree: warning: checkpoint {path} is unreadable ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); trying the one before", file=sys.stderr)
+    raise ValueError(f"--resume: no readable checkpoint in {checkpoint_dir(run_dir)}; start the run again with "
+                     "--overwrite")
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

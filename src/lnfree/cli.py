@@ -47,7 +47,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true", default=None)
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="clear the run in --out and start it again")
     p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -64,7 +65,7 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
     p.add_argument("model", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run folder")
     _add_train_options(p)
-    p.add_argument("--preset", default="baroni2025")
+    p.add_argument("--preset", help="removal preset (default baroni2025); see `lnfree schedule`")
     p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
     p.add_argument("--ema-momentum", type=float, help="σ̂ EMA momentum while a site is live (1: fixed)")
     p.add_argument("--control", action="store_true", help="same run with every LayerNorm kept (vanilla control)")
@@ -75,8 +76,8 @@ def _run_remove(args: argparse.Namespace) -> int:
     from .runs import run_removal
 
     result = run_removal(args.model, args.data, args.out, preset=args.preset, overrides=_overrides(args),
-                         control=args.control, resume=args.resume, cache_root=args.cache_dir,
-                         progress=not args.quiet, show_plan=True)
+                         control=args.control, resume=args.resume, overwrite=args.overwrite,
+                         cache_root=args.cache_dir, progress=not args.quiet, show_plan=True)
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
           f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
     return 0
@@ -108,7 +109,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     model = FAMILIES[args.family].new_model(len(tok), cfg.ctx, args.d_model, args.layers, args.heads,
                                             tok.eos_token_id, cfg.seed)
     result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
-                          cache_root=args.cache_dir, progress=not args.quiet)
+                          overwrite=args.overwrite, cache_root=args.cache_dir, progress=not args.quiet)
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
     return 0
 

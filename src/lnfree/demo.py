@@ -118,7 +118,8 @@ def prepare_pretrained(cfg: DemoConfig, tok_dir: Path, cache: Path, token_cache:
     _say(f"pretraining {cfg.n_layer}L×{cfg.n_embd} ({n_params / 1e6:.2f}M params) for {cfg.pretrain.steps} steps "
          f"of {cfg.pretrain.batch_tokens} tokens")
     resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step_*"))
-    run_pretrain(model, tok_dir, "stdlib", folder, cfg.pretrain, resume=resume, cache_root=token_cache)
+    run_pretrain(model, tok_dir, "stdlib", folder, cfg.pretrain, resume=resume, overwrite=not resume,
+                 cache_root=token_cache)
     return folder / "final"
 
 
@@ -190,10 +191,11 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     t_ft = time.time()
     _say(f"fine-tuning {ft_steps} steps ({ft_steps * cfg.pretrain.batch_tokens:,} tokens, "
          f"{cfg.ft_fraction:.0%} of pretraining): LN-free ({cfg.preset}) and vanilla control")
+    # the demo owns its --out: its runs are redone each time (overwrite)
     lnfree_run = run_removal(str(original_dir), "stdlib", runs / "lnfree", preset=cfg.preset, overrides=overrides,
-                             cache_root=token_cache)
+                             overwrite=True, cache_root=token_cache)
     run_removal(str(original_dir), "stdlib", runs / "vanilla", preset=cfg.preset, overrides=overrides,
-                control=True, cache_root=token_cache)
+                control=True, overwrite=True, cache_root=token_cache)
     ft_seconds = time.time() - t_ft
     plot_loss(runs / "lnfree", out / "loss_curves.png")
 

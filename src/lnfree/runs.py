@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import rundir
 from .config import TrainConfig
 from .data import SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
@@ -71,25 +72,35 @@ def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | Non
     return cache
 
 
-def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "baroni2025",
+def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str | None = None,
                 overrides: dict | None = None, control: bool = False, resume: bool = False,
-                cache_root: Path | None = None, progress: bool = True, show_plan: bool = False) -> RunResult:
-    """Fine-tune `model_source` on `data`, removing every LN by `preset` (or keeping them: control).
-    `show_plan` prints the preset's settings and timeline first."""
+                overwrite: bool = False, cache_root: Path | None = None, progress: bool = True,
+                show_plan: bool = False) -> RunResult:
+    """Fine-tune `model_source` on `data`, removing every LN by `preset` (default baroni2025), or keeping them
+    (control). `out_dir` holds one run (see lnfree.rundir): new and empty, `resume`d, or cleared with
+    `overwrite`. `show_plan` prints the preset's settings and timeline first."""
     out_dir = Path(out_dir)
+    rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
+    with rundir.locked(out_dir):
+        rundir.remove_stale_temps(out_dir)
+        return _run_removal(model_source, data, out_dir, preset, overrides or {}, control, resume, cache_root,
+                            progress, show_plan)
+
+
+def _run_removal(model_source, data, out_dir, preset, overrides, control, resume, cache_root, progress,
+                 show_plan) -> RunResult:
     model, where = load_source(model_source)
     model_dir = where.model_dir
     if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
-    plan = removal_plan(model.site_layout(), preset, overrides or {})
+    plan = removal_plan(model.site_layout(), preset or "baroni2025", overrides)
     cfg, sigma, schedule = plan.train, plan.sigma, plan.schedule
-    if show_plan and not control:
-        print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
-        print(f"# {describe_training(cfg, sigma)}")
-        print(schedule.format_timeline(), flush=True)
-    if resume and (out_dir / "run.json").exists():  # continue exactly what was started
+    mode = "control" if control else "lnfree"
+    if resume:  # continue exactly what was started, and refuse a command line that would change it
+        rundir.check_resume_matches(out_dir, mode, str(model_source), data, plan.preset if preset else None,
+                                    {k: v for k, v in overrides.items() if v is not None})
         saved = json.loads((out_dir / "run.json").read_text())
         cfg, schedule = TrainConfig.from_dict(saved["train"]), Schedule.from_dict(saved["schedule"])
         sigma = SigmaRule.from_dict(saved["sigma"]) if "sigma" in saved else sigma
@@ -97,6 +108,10 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
         # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
         # which belongs to the removal (the 2025 code trained its control with it).
         schedule, cfg = control_schedule(schedule.total_steps), replace(cfg, aux_weight=0.0)
+    if show_plan and not control:
+        print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
+        print(f"# {describe_training(cfg, sigma)}")
+        print(schedule.format_timeline(), flush=True)
     if cfg.ctx > model.context_length:
         raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.context_length} tokens")
     cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
@@ -106,7 +121,7 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
     extra = {"model": str(model_source), "data": data, "preset": plan.preset,
              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest}
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
-                   resume=resume, mode="control" if control else "lnfree", extra=extra, progress=progress)
+                   resume=resume, mode=mode, extra=extra, progress=progress)
     final = result.model.fold() if not control else result.model
     save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
     plot_with_siblings(out_dir)
@@ -114,9 +129,18 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str = "b
 
 
 def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, cfg: TrainConfig, *,
-                 resume: bool = False, cache_root: Path | None = None, progress: bool = True) -> RunResult:
-    """Train `model` from its initialisation with every LN live (the offline analog's pretraining)."""
+                 resume: bool = False, overwrite: bool = False, cache_root: Path | None = None,
+                 progress: bool = True) -> RunResult:
+    """Train `model` from its initialisation with every LN live (the offline analog's pretraining); `out_dir`
+    holds one run, as for `run_removal`."""
     out_dir = Path(out_dir)
+    rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
+    with rundir.locked(out_dir):
+        rundir.remove_stale_temps(out_dir)
+        return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress)
+
+
+def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress) -> RunResult:
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(model, tokenizer, str(tokenizer_dir))
     cache = _token_stream(data, tokenizer, cfg, cache_root, progress)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import RunState, load_latest_readable, save_checkpoint
 from .config import TrainConfig
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
@@ -121,11 +121,9 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     optimizer = make_optimizer(model, cfg, device)
     history: list[float] = []
     start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; drop --resume to start")
-    if ckpt is not None:
-        _, state = load_checkpoint(ckpt, model, optimizer)
+    ckpt = None
+    if resume:
+        ckpt, state = load_latest_readable(run_dir, model, optimizer)
         sampler.load_state_dict(state.data)
         start, history = state.step, list(state.history)
         _truncate_metrics(run_dir / "metrics.jsonl", start)
