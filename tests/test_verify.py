@@ -101,3 +101,18 @@ def test_eval_and_verify_agree_on_a_site_that_keeps_a_special(dirs):
     assert model.normalising_sites() == ["blocks.1.ln2"]
     assert verify(model, exports=False).live_sites == ["blocks.1.ln2"]
     assert _model_info(model)["live_norm_sites"] == 1
+
+
+def test_a_truncated_weights_file_is_one_line_everywhere(tmp_path, dirs, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dirs["folded"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    for argv in (["verify", str(broken)], ["export", str(broken), "--out", str(tmp_path / "out")],
+                 ["eval", str(broken), "--data", "stdlib-val", "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lnfree: error: a weights file is unreadable") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -246,12 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     from .data import DataSourceError
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except SafetensorError as e:  # a truncated or foreign .safetensors file
+        print(f"lnfree: error: a weights file is unreadable ({str(e).splitlines()[0] if str(e) else 'corrupt'}); "
+              "it may be truncated — restore it, or resume from an earlier checkpoint", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, OSError, DataSourceError, TrainingDiverged) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"lnfree: error: {msg}", file=sys.stderr)

@@ -194,7 +194,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
             last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
     bar.close()
     steps_run = schedule.total_steps - start
-    return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=schedule.total_steps * tokens_per_step,
+    return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=steps_run * tokens_per_step,
                      wall_seconds=time.time() - t_start, model=model)
 
 
