@@ -234,6 +234,28 @@ def test_interrupted_build_never_looks_complete(tok, mixed, tmp_path, monkeypatc
     np.testing.assert_array_equal(np.asarray(cache.tokens, dtype=np.int64), direct_tokens(tok, docs))
 
 
+def test_a_same_size_corrupt_cache_is_rebuilt_or_refused(tok, mixed, tmp_path, monkeypatch):
+    """Bytes changed in place (same size, so the size check passes): a small cache fails its sha256 and is rebuilt;
+    a large one (hash not checked at open) is refused in one line as soon as a batch holds an impossible id."""
+    root, docs = mixed
+    cache = build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
+    path = cache.path / "tokens.bin"
+    good = path.read_bytes()
+    corrupt = np.frombuffer(good, dtype=cache.tokens.dtype).copy()
+    corrupt[5] = (int(corrupt[5]) + 1) % len(tok)  # an in-range id: only the hash can tell
+    path.write_bytes(corrupt.tobytes())
+    rebuilt = build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
+    assert path.read_bytes() == good
+    np.testing.assert_array_equal(np.asarray(rebuilt.tokens, dtype=np.int64), direct_tokens(tok, docs))
+
+    corrupt[5] = np.iinfo(corrupt.dtype).max  # an id no embedding has
+    path.write_bytes(corrupt.tobytes())
+    monkeypatch.setattr(data.cache, "VERIFY_HASH_BYTES", 0)  # as for a cache too large to hash at every open
+    large = build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
+    with pytest.raises(DataSourceError, match="outside its .*vocabulary: the file is corrupt; delete the folder"):
+        SequenceSampler(large, 8, shuffle=False).next_batch(4)
+
+
 def test_empty_and_binary_files_are_skipped_and_counted(tok, tmp_path):
     root = tmp_path / "messy"
     root.mkdir()

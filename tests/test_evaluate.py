@@ -297,6 +297,43 @@ def test_lm_eval_adapter_scores_like_hflm(in_task_dir, model_dir):
     assert ours == pytest.approx(stock, abs=1e-4)
 
 
+def _lm_eval_cli(*argv: str, out: Path) -> dict:
+    """Run an lm-eval command line (a console script of this environment); its results file's task rows."""
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / argv[0]), *argv[1:], "--tasks", "hellaswag_local", "--include_path", ".",
+           "--device", "cpu", "--batch_size", "4", "--output_path", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(max(out.rglob("results_*.json")).read_text())["results"]["hellaswag_local"]
+
+
+def test_lm_eval_own_command_line_gives_our_scores_with_stderr(in_task_dir, model_dir, published_dir, workdir):
+    """Stock `lm_eval` on the hf-compat form (a plain GPT2LMHeadModel, eps = 1e12), `lnfree-lm-eval --model hf` on
+    the `hf` export and `--model lnfree` on a model folder: each gives our bridge's acc, acc_norm and stderr."""
+    from lnfree.export.core import export_model
+    from lnfree.lmeval import run_benchmarks
+
+    ours = run_benchmarks(published_dir, ["hellaswag_local"], include_path=".", device="cpu",
+                          output_path=workdir / "bridge_out", log_samples=True)["hellaswag_local"]
+    n = ours["n"]
+    for metric in ("acc", "acc_norm"):  # the standard error of a mean of 0/1 hits (sample std / √n)
+        assert ours[f"{metric}_stderr"] == pytest.approx((ours[metric] * (1 - ours[metric]) / (n - 1)) ** 0.5)
+    assert n == 8 and ours["acc_norm_stderr"] > 0
+    assert list((workdir / "bridge_out").rglob("samples_hellaswag_local_*.jsonl"))  # lm-eval's own files
+    export_model(str(published_dir), workdir / "published_hf", fmt="hf")
+    runs = {"stock lm_eval, hf-compat": ("lm_eval", "--model", "hf", "--model_args", f"pretrained={published_dir}"),
+            "lnfree-lm-eval, hf export": ("lnfree-lm-eval", "--model", "hf", "--model_args",
+                                          f"pretrained={workdir / 'published_hf'}"),
+            "lnfree-lm-eval, lnfree model": ("lnfree-lm-eval", "--model", "lnfree", "--model_args",
+                                             f"pretrained={published_dir}")}
+    for i, (what, argv) in enumerate(runs.items()):
+        row = _lm_eval_cli(*argv, out=workdir / f"cli_out{i}")
+        for metric in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+            assert row[f"{metric},none"] == pytest.approx(ours[metric]), (what, metric)
+
+
 def test_one_resolver_for_every_command(workdir, model_dir, capsys):
     """A run folder without final/ is refused by eval in one line (and read from its newest checkpoint only by
     export, which then folds it); a finished run is read through its final/ everywhere."""

@@ -31,62 +31,156 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="stdlib | a local file/folder | a hub dataset (openwebtext, pile …)")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
-    p.add_argument("--steps", type=int, help="optimizer steps (a preset's schedule is rescaled to fit)")
-    p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
-    p.add_argument("--micro-batch", type=int, help="sequences per forward/backward")
-    p.add_argument("--ctx", type=int, help="tokens per sequence")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--warmup", type=int, dest="warmup_steps", help="linear warmup steps (from lr 0)")
-    p.add_argument("--decay-steps", type=int, help="step at which the cosine reaches --min-lr (default: --steps)")
-    p.add_argument("--dropout", type=float, help="dropout in training forwards (GPT-2's placement)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None)
-    p.add_argument("--checkpoint-every", type=int)
+# TrainConfig fields the command line spells differently, or sets elsewhere (--control is its own flag)
+_ALIASES = {"warmup_steps": ["--warmup"]}
+_NOT_FLAGS = {"control"}
+# Run options that are not training settings: --resume may change them, run.json does not replay them.
+_SIGMA_FLAGS = {"ema_momentum": "momentum"}
+
+
+def _flag_kwargs(f) -> dict:
+    kind = str(f.type)
+    if kind == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if kind.startswith("tuple"):
+        return {"type": float, "nargs": 2, "metavar": ("B1", "B2")}
+    if f.name == "dtype":
+        from .config import DTYPES
+
+        return {"choices": DTYPES}
+    return {"type": {"int": int, "float": float, "str": str, "int | None": int}[kind]}
+
+
+def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
+    """Every TrainConfig field as a flag, its help and the default it takes here (`where` says whose)."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    p.add_argument("--data", help="stdlib | a local file/folder | a hub dataset (openwebtext, pile …)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (one run per folder)")
+    p.add_argument("--config", type=Path, help="JSON of settings: a run.json (replays that run: model, data, preset "
+                   "and every training setting) or {field: value}; flags given here win")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="clear the run in --out and start it again")
+    p.add_argument("--eval-data", help="held-out source that --eval-every scores, all of it (default: the val "
+                   "split of --data)")
+    p.add_argument("--report-to", default="none", help="comma list: tensorboard, wandb (offline without "
+                   "WANDB_API_KEY), none; metrics.jsonl is always written")
     p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-_OVERRIDES = ("steps", "batch_tokens", "micro_batch", "ctx", "lr", "min_lr", "warmup_steps", "decay_steps", "dropout",
-              "seed", "compile", "activation_checkpointing", "checkpoint_every", "aux_weight", "ema_momentum")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    group = p.add_argument_group(f"training settings (default: {where})")
+    for f in fields(TrainConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        default = getattr(shown, f.name)
+        group.add_argument("--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, []), dest=f.name, default=None,
+                           help=f"{f.metadata['help']} [{default}]".replace("%", "%%"), **_flag_kwargs(f))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
+    """Training settings given on the command line, over those of --config."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    names = [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS] + list(_SIGMA_FLAGS)
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if "betas" in given:
+        given["betas"] = tuple(given["betas"])
+    return {**getattr(args, "config_overrides", {}), **given}
+
+
+def _read_config(args: argparse.Namespace, command: str) -> None:
+    """Fold --config into args: training settings into args.config_overrides, and from a run.json of the same
+    command its model / data / preset where the command line does not name them."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    args.config_overrides = {}
+    if args.config is None:
+        return
+    try:
+        loaded = json.loads(args.config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {args.config}: not a readable JSON file ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {args.config}: expected a JSON object of settings")
+    names = {f.name for f in fields(TrainConfig)} - _NOT_FLAGS
+    if "train" in loaded:  # a run.json: replay that run
+        settings = {k: v for k, v in loaded["train"].items() if k in names}
+        if "sigma" in loaded:
+            settings["ema_momentum"] = loaded["sigma"]["momentum"]
+        for key in ("model", "data", "preset"):
+            if key in loaded and getattr(args, key, "absent") is None:
+                setattr(args, key, loaded[key])
+        if command == "remove" and loaded.get("mode") == "control":
+            args.control = True
+    else:
+        unknown = sorted(set(loaded) - names - set(_SIGMA_FLAGS))
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown setting {unknown[0]!r}; see `lnfree {command} --help`")
+        settings = dict(loaded)
+    if "betas" in settings:
+        settings["betas"] = tuple(settings["betas"])
+    args.config_overrides = settings
+
+
+def _require_data(args: argparse.Namespace) -> None:
+    if not args.data:
+        raise ValueError("--data is required (or a --config run.json that names it)")
+
+
+def _report_to(args: argparse.Namespace) -> tuple[str, ...]:
+    from .tracking import check_reporters
+
+    names = tuple(x.strip() for x in args.report_to.split(",") if x.strip())
+    check_reporters(names)
+    return names
 
 
 def _add_remove(sub: argparse._SubParsersAction) -> None:
+    from .config import TrainConfig  # noqa: F401  (light: no torch)
+    from .recipes import PRESETS, get_recipe
+
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
-    p.add_argument("model", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run folder")
-    _add_train_options(p)
-    p.add_argument("--preset", help="removal preset (default baroni2025); see `lnfree schedule`")
-    p.add_argument("--aux-weight", type=float, help="Baroni's auxiliary std loss weight")
-    p.add_argument("--ema-momentum", type=float, help="σ̂ EMA momentum while a site is live (1: fixed)")
+    p.add_argument("model", nargs="?", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run "
+                   "folder")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="removal preset (default baroni2025, by depth); see "
+                   "`lnfree schedule --preset P` for its timeline and settings")
     p.add_argument("--control", action="store_true", help="same run with every LayerNorm kept (vanilla control)")
+    p.add_argument("--ema-momentum", type=float, help="σ̂ EMA momentum while a site is live (1: fixed) [preset's]")
+    _add_train_options(p, get_recipe("baroni2025", 12).train, "the preset's; in brackets baroni2025 on GPT-2 small")
     p.set_defaults(func=_run_remove)
 
 
 def _run_remove(args: argparse.Namespace) -> int:
     from .runs import run_removal
 
+    _read_config(args, "remove")
+    _require_data(args)
+    if not args.model:
+        raise ValueError("name the model to fine-tune (a folder or hub id), or give a --config run.json")
     result = run_removal(args.model, args.data, args.out, preset=args.preset, overrides=_overrides(args),
                          control=args.control, resume=args.resume, overwrite=args.overwrite,
-                         cache_root=args.cache_dir, progress=not args.quiet, show_plan=True)
+                         cache_root=args.cache_dir, progress=not args.quiet, show_plan=True,
+                         eval_data=args.eval_data, report_to=_report_to(args))
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
           f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
     return 0
 
 
+PRETRAIN_DEFAULTS = dict(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256, lr=3e-3, min_lr=3e-4,
+                         warmup_steps=50, weight_decay=0.1)
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from .config import TrainConfig
+
     p = sub.add_parser("pretrain", help="train a small model (with its norms) from scratch")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (AutoTokenizer)")
-    _add_train_options(p)
+    _add_train_options(p, TrainConfig(**PRETRAIN_DEFAULTS), "pretraining's, in brackets")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
@@ -100,18 +194,31 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from .runs import run_pretrain
     from .tokenizer import load_tokenizer
 
+    _read_config(args, "pretrain")
+    _require_data(args)
+    overrides = _overrides(args)
+    if set(overrides) & set(_SIGMA_FLAGS):
+        raise ValueError("--ema-momentum applies to removal runs, not pretraining")
     tok = load_tokenizer(args.tokenizer)
-    defaults = TrainConfig(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256, lr=3e-3, min_lr=3e-4,
-                           warmup_steps=50, weight_decay=0.1)
-    cfg = replace(defaults, **_overrides(args))
+    cfg = replace(TrainConfig(**PRETRAIN_DEFAULTS), **overrides)
     if args.family not in FAMILIES:
         raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
     model = FAMILIES[args.family].new_model(len(tok), cfg.ctx, args.d_model, args.layers, args.heads,
                                             tok.eos_token_id, cfg.seed)
     result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
-                          overwrite=args.overwrite, cache_root=args.cache_dir, progress=not args.quiet)
+                          overwrite=args.overwrite, cache_root=args.cache_dir, progress=not args.quiet,
+                          eval_data=args.eval_data, report_to=_report_to(args))
     print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +228,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, help="evaluate only the first N tokens of each dataset")
     p.add_argument("--ctx", type=int, help="sequence length (default min(1024, the models' context))")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_batch_size, default=8,
+                   help="sequences per CE batch and lm-eval batch size; auto: lm-eval finds the largest (CE uses 8)")
     p.add_argument("--json", type=Path, help="write results (with the Δ table) as JSON here")
     p.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     p.add_argument("--baseline", help="model name whose column the others are compared with (Δ)")
@@ -129,6 +237,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="", help="lm-eval tasks, comma list: hellaswag, piqa, winogrande, boolq, lambada")
     p.add_argument("--limit", type=float, help="examples per lm-eval task (smoke tests only)")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. local, offline copies)")
+    p.add_argument("--num-fewshot", type=int, help="lm-eval few-shot examples (default: each task's own, 0 for "
+                   "the papers' zero-shot HellaSwag)")
+    p.add_argument("--output-path", type=Path, help="write lm-eval's own results files here, one folder per model")
+    p.add_argument("--log-samples", action="store_true", help="with --output-path: every scored sample too")
     p.add_argument("--names", help="comma list of column names, one per model")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the models' own)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
@@ -148,7 +260,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                        ctx=args.ctx, max_tokens=args.tokens, dtype=args.dtype, batch_size=args.batch_size,
                        kl_reference=args.kl_reference, tasks=split(args.tasks), limit=limit,
                        include_path=args.include_path, device=args.device, top_k=args.top_k,
-                       cache_root=args.cache_dir, baseline=args.baseline, progress=not args.quiet)
+                       cache_root=args.cache_dir, baseline=args.baseline, progress=not args.quiet,
+                       num_fewshot=args.num_fewshot, output_path=args.output_path, log_samples=args.log_samples)
     markdown = format_markdown(results, args.baseline)
     print(markdown)
     if args.markdown:
@@ -234,11 +347,42 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS += [_add_export, _add_verify]
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run: loss with removal events, validation CE, σ̂ per site, residual std")
+    p.add_argument("run", type=Path, help="run folder of `lnfree remove` (or pretrain)")
+    p.add_argument("others", nargs="*", type=Path, help="runs to overlay (default: the run's sibling folders, "
+                   "e.g. its vanilla control)")
+    p.add_argument("--out", type=Path, help="image file (default RUN/plots.png)")
+    p.add_argument("--no-residual", action="store_true", help="skip the residual-std panel (loads no model)")
+    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    print(f"wrote {plot_run(args.run, args.others, args.out, not args.no_residual, args.cache_dir)}")
+    return 0
+
+
+COMMANDS += [_add_export, _add_verify, _add_plot]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return f"lnfree {v('lnfree')} (torch {v('torch')}, transformers {v('transformers')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lnfree", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -246,12 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before the heavy imports: --help and --version stay instant
     from safetensors import SafetensorError
 
     from .data import DataSourceError
     from .train import TrainingDiverged
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except SafetensorError as e:  # a truncated or foreign .safetensors file

@@ -8,47 +8,53 @@ from .method.schedule import RemovalSpec
 from .method.sigma import SigmaRule
 
 
+def _opt(default, help: str, **kw):
+    """A field with the help text the command line shows (`lnfree remove --help` lists every field)."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+# Fields a `--resume` may change: they decide where and how often things are written or measured, never what
+# the optimizer does.
+RESUME_SAFE = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_tokens", "device")
+DTYPES = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
-    """One fine-tuning (or pretraining) run."""
+    """One fine-tuning (or pretraining) run. Every field is a command-line flag (`--batch-tokens` for
+    batch_tokens); a preset fills them, flags and `--config FILE` override single ones."""
 
-    steps: int = 300
-    """Optimizer steps; a removal schedule written for another length is rescaled to this."""
-    batch_tokens: int = 2**19
-    """Tokens per optimizer step (gradient accumulation fills it from micro-batches)."""
-    micro_batch: int = 8
-    """Sequences per forward/backward."""
-    ctx: int = 1024
-    """Tokens per sequence (no BOS prepended, as in both papers)."""
-    lr: float = 6e-4
-    min_lr: float = 3e-4
-    """Cosine decay ends here. Baroni et al. 2025 found a high floor stops loss creeping up after removal."""
-    warmup_steps: int = 20
-    """Linear warmup from 0: step s < warmup runs at lr · s / warmup (nanoGPT and transformers alike)."""
-    decay_steps: int | None = None
-    """The step at which the cosine reaches min_lr (nanoGPT's lr_decay_iters); None: `steps`. A run may stop
-    before it: Heimersheim 2024 decays over 2000 steps and stops near 1200."""
-    weight_decay: float = 0.01
-    decay_norm_weights: bool = False
-    """Weight decay on LayerNorm gains too (biases never). Matrices and embeddings are always decayed."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    """Dropout in training forwards, where the family puts it (GPT-2: embeddings, attention, residual writes)."""
-    aux_weight: float = 0.0
-    """Baroni's auxiliary loss: weight × mean over tokens of (σ_t − σ̄)² at the ln_final input."""
-    calibration_batches: int = 4
-    seed: int = 0
-    control: bool = False
-    """Vanilla control: the identical run with every LayerNorm kept."""
-    compile: bool = False
-    activation_checkpointing: bool = False
-    dtype: str = "auto"
-    """"auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"."""
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    spike_factor: float = 10.0
-    """Stop when a step's loss exceeds this multiple of the running median (or is not finite)."""
+    steps: int = _opt(300, "optimizer steps; a preset's schedule, warmup and lr horizon are rescaled to this")
+    batch_tokens: int = _opt(2**19, "tokens per optimizer step (gradient accumulation over micro-batches)")
+    micro_batch: int = _opt(8, "sequences per forward/backward")
+    ctx: int = _opt(1024, "tokens per sequence (no BOS prepended, as in both papers)")
+    lr: float = _opt(6e-4, "peak learning rate")
+    min_lr: float = _opt(3e-4, "the cosine decay ends here (Baroni et al. 2025: a high floor stops the loss "
+                               "creeping up after removal)")
+    warmup_steps: int = _opt(20, "linear warmup from lr 0: step s < warmup runs at lr · s / warmup")
+    decay_steps: int | None = _opt(None, "step at which the cosine reaches --min-lr (nanoGPT's lr_decay_iters; "
+                                         "default --steps): Heimersheim 2024 decays over 2000 steps, stops at 1200")
+    weight_decay: float = _opt(0.01, "AdamW weight decay on matrices and embeddings (never biases)")
+    decay_norm_weights: bool = _opt(False, "weight decay on LayerNorm gains too (the HF Trainer's grouping)")
+    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
+    grad_clip: float = _opt(1.0, "gradient norm clip")
+    dropout: float = _opt(0.0, "dropout in training forwards, where the family puts it (GPT-2: embeddings, "
+                               "attention, residual writes)")
+    aux_weight: float = _opt(0.0, "Baroni's auxiliary loss: weight × mean over tokens of (σ_t − σ̄)² at the "
+                                  "ln_final input")
+    calibration_batches: int = _opt(4, "micro-batches that measure σ̂ before the first step")
+    seed: int = _opt(0, "data order, dropout masks and calibration draws")
+    control: bool = _opt(False, "vanilla control: the identical run with every LayerNorm kept")
+    compile: bool = _opt(False, "torch.compile the model")
+    activation_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory)")
+    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    checkpoint_every: int = _opt(50, "write a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept on disk (oldest deleted first)")
+    spike_factor: float = _opt(10.0, "stop when a step's loss exceeds this multiple of the running median (or "
+                                     "is not finite)")
+    eval_every: int = _opt(0, "validation CE every N steps and at the end, on the data's val split (0: never)")
+    eval_tokens: int = _opt(2**17, "tokens of the val split each validation scores (the same sequences each time)")
 
     def sequences_per_step(self) -> int:
         per = self.micro_batch * self.ctx

@@ -33,7 +33,7 @@ from .method.schedule import SiteState
 from .models import load_model
 from .models.base import LNModel
 from .models.io import FAMILIES
-from .plots import plot_loss, site_colour
+from .plots import plot_loss, residual_std_by_position, site_colour
 from .runs import run_pretrain, run_removal
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -261,12 +261,8 @@ def _plots(out: Path, sigmas: dict, models: dict, batch: torch.Tensor) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    with torch.no_grad():
-        for name in ("original", "lnfree"):
-            cache: dict = {}
-            models[name](batch, cache=cache)
-            last = cache[f"blocks.{models[name].n_layers - 1}.hook_resid_post"]
-            ax.plot(last.std(-1).mean(0).numpy(), label=name)
+    for name in ("original", "lnfree"):
+        ax.plot(residual_std_by_position(models[name], batch), label=name)
     ax.set_xlabel("position")
     ax.set_ylabel("residual std (final layer, mean over batch)")
     ax.set_yscale("log")

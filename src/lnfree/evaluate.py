@@ -359,15 +359,23 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
              kl_reference: str | None = None, tasks: list[str] | None = None, limit: int | float | None = None,
              include_path: str | None = None, device: str | None = None, top_k: int = 5,
              cache_root: str | os.PathLike | None = None, baseline: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Load models and datasets by name, check them all, then CE on every dataset and lm-eval benchmarks."""
+             progress: bool = True, num_fewshot: int | None = None, output_path: str | os.PathLike | None = None,
+             log_samples: bool = False) -> dict[str, Any]:
+    """Load models and datasets by name, check them all, then CE on every dataset and lm-eval benchmarks.
+    `batch_size` "auto" lets lm-eval size its batches (CE then uses 8); `output_path` / `log_samples` write
+    lm-eval's own result files, one folder per model."""
     from .models import load_model
     from .models.io import resolve_model_dir
 
     if not data and not tasks:
         raise ValueError("nothing to evaluate: give --data and/or --tasks")
+    lm_eval_batch = batch_size
+    if batch_size == "auto":
+        batch_size = 8
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise ValueError(f"--batch-size must be at least 1 (or auto), got {batch_size}")
+    if log_samples and not output_path:
+        raise ValueError("--log-samples needs --output-path (where lm-eval writes the samples)")
     for name in data:  # refuse a typo before downloading or tokenizing anything
         check_dataset_name(name)
     labels = model_labels(sources, names)
@@ -392,8 +400,11 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
 
         for label, d in zip(labels, dirs, strict=True):
             scores = run_benchmarks(d, tasks, limit=limit, include_path=include_path, tokenizer=tokenizer,
-                                    batch_size=batch_size, device=device, dtype=dtype)
+                                    batch_size=lm_eval_batch, device=device, dtype=dtype, num_fewshot=num_fewshot,
+                                    log_samples=log_samples,
+                                    output_path=Path(output_path) / label if output_path else None)
             for task, row in scores.items():
                 results["benchmarks"].setdefault(task, {})[label] = row
-        results["benchmark_settings"] = {"harness": "lm-evaluation-harness", "limit": limit, "num_fewshot": 0}
+        results["benchmark_settings"] = {"harness": "lm-evaluation-harness", "limit": limit,
+                                         "num_fewshot": num_fewshot, "output_path": str(output_path or "")}
     return results

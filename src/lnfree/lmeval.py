@@ -87,9 +87,10 @@ def _load(model_dir_or_model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def make_lm(model_dir_or_model: Any, tokenizer: Any = None, *, batch_size: int = 8,
+def make_lm(model_dir_or_model: Any, tokenizer: Any = None, *, batch_size: int | str = 8,
             device: str | None = None, dtype: str = "fp32", max_length: int | None = None):
-    """An lm-eval `HFLM` that runs our model (fp32, or bf16 autocast via HFLM's mixed precision)."""
+    """An lm-eval `HFLM` that runs our model (fp32, or bf16 autocast via HFLM's mixed precision); batch_size
+    "auto" lets lm-eval find the largest that fits."""
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = _load(model_dir_or_model, tokenizer)
@@ -102,26 +103,40 @@ def make_lm(model_dir_or_model: Any, tokenizer: Any = None, *, batch_size: int =
 
 
 def run_benchmarks(model_dir_or_model: Any, tasks: str | list[str], limit: int | float | None = None,
-                   include_path: str | os.PathLike | None = None, *, tokenizer: Any = None, batch_size: int = 8,
-                   device: str | None = None, dtype: str = "fp32", num_fewshot: int | None = None,
-                   log_samples: bool = False) -> dict[str, dict[str, float]]:
-    """Score a model on lm-eval tasks (zero-shot by default) → {task: {"acc": …, "acc_norm": …, "n": …}}.
+                   include_path: str | os.PathLike | None = None, *, tokenizer: Any = None,
+                   batch_size: int | str = 8, device: str | None = None, dtype: str = "fp32",
+                   num_fewshot: int | None = None, log_samples: bool = False,
+                   output_path: str | os.PathLike | None = None,
+                   bootstrap_iters: int = 100_000) -> dict[str, dict[str, float]]:
+    """Score a model on lm-eval tasks (zero-shot by default) → {task: {"acc": …, "acc_stderr": …, "acc_norm": …,
+    "n": …}}, standard errors as lm-eval computes them (closed form for acc; `bootstrap_iters` 0 skips them).
 
-    `limit` caps the examples per task (for smoke tests; published numbers use every example).
+    `limit` caps the examples per task (for smoke tests; published numbers use every example). `output_path`
+    writes lm-eval's own results file (and, with `log_samples`, one samples file per task) as its CLI does.
     """
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
 
     names = resolve_tasks(tasks)
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
     task_manager = get_task_manager(include_path)
     unknown = [n for n in names if n not in task_manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; e.g. {', '.join(TASK_ALIASES)}"
                          + ("" if include_path else ", or a local task via --include-path"))
     lm = make_lm(model_dir_or_model, tokenizer, batch_size=batch_size, device=device, dtype=dtype)
+    tracker = EvaluationTracker(output_path=str(output_path)) if output_path else None
     try:
         with _quiet_lm_eval():
             out = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
-                                  task_manager=task_manager, log_samples=log_samples, bootstrap_iters=0)
+                                  task_manager=task_manager, log_samples=log_samples,
+                                  bootstrap_iters=bootstrap_iters, evaluation_tracker=tracker)
+            if tracker is not None:  # what `lm_eval --output_path [--log_samples]` writes
+                samples = out.pop("samples", None) if log_samples else None
+                tracker.save_results_aggregated(results=out, samples=samples)
+                for task in out["configs"] if samples else []:
+                    tracker.save_results_samples(task_name=task, samples=samples[task])
     except (ConnectionError, OSError, FileNotFoundError) as e:
         raise ValueError(f"lm-eval could not load the data of {', '.join(names)} ({type(e).__name__}; offline?); "
                          "give a local task with --include-path") from e
@@ -143,13 +158,15 @@ def _task_manager(include_path: str | None):
 
 
 def _scores(out: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
-    """lm-eval's "acc,none" keys → plain metric names, per task (groups included as reported)."""
+    """lm-eval's "acc,none" / "acc_stderr,none" keys → plain metric names, per task (groups included as
+    reported); a stderr lm-eval did not compute ("N/A") is left out."""
     scores = {}
     for task, metrics in out["results"].items():
         row = {}
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if metric in METRICS and filt in ("none", "") and isinstance(value, int | float):
+            known = metric in METRICS or (metric.endswith("_stderr") and metric[: -len("_stderr")] in METRICS)
+            if known and filt in ("none", "") and isinstance(value, int | float):
                 row[metric] = float(value)
         n = out.get("n-samples", {}).get(task, {})
         if n:
@@ -172,3 +189,41 @@ def _quiet_lm_eval() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+# ---- lm-eval's own command line -----------------------------------------------------------------------------
+def register_lm_eval_model() -> None:
+    """Make `lnfree` an lm-eval model name: `--model lnfree --model_args pretrained=PATH[,dtype=bf16]` scores
+    anything lnfree reads — a run folder, a checkpoint mid-removal, a published eps=1e12 model, a folded one —
+    through the same adapter as `lnfree eval --tasks`."""
+    import lm_eval.models  # noqa: F401  (the stock models first: lm-eval loads them only into an empty registry)
+    from lm_eval.api.registry import MODEL_REGISTRY, register_model
+    from lm_eval.models.huggingface import HFLM
+
+    if "lnfree" in MODEL_REGISTRY:
+        return
+
+    @register_model("lnfree")
+    class LNFreeLM(HFLM):
+        def __init__(self, pretrained: str, tokenizer: str | None = None, dtype: str = "fp32",
+                     max_length: int | None = None, device: str | None = None, **kwargs: Any):
+            model, tok = _load(pretrained, tokenizer)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model.to(device).eval()
+            kwargs.pop("backend", None)
+            super().__init__(pretrained=_CausalLMAdapter(model, max_length or model.context_length), tokenizer=tok,
+                             backend="causal", device=device,
+                             mixed_precision_dtype="bfloat16" if dtype == "bf16" else None, **kwargs)
+
+
+def lm_eval_main() -> None:
+    """`lnfree-lm-eval`: lm-eval's own command line, with lnfree's models known to it — `--model lnfree` (see
+    `register_lm_eval_model`) and, through `--model hf`, the `hf` exports (their LNFree* classes registered with
+    transformers' Auto classes by `import lnfree`). The `hf-compat` exports need neither: stock `lm_eval` loads
+    them."""
+    import lnfree  # noqa: F401
+
+    register_lm_eval_model()
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -41,41 +41,165 @@ def _smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
-def plot_loss(run_dir: Path, out: Path | None = None) -> Path | None:
-    """Loss per step of this run, sibling runs in the same parent folder overlaid (e.g. the vanilla control),
-    and a vertical line at each removal event (colour by site kind; specials dashed)."""
-    run_dir = Path(run_dir)
+def _siblings(run_dir: Path) -> list[Path]:
+    """Other runs in the same parent folder (an LN-free run and its control usually sit side by side)."""
+    return sorted(p for p in run_dir.parent.iterdir()
+                  if p != run_dir and p.is_dir() and (p / "metrics.jsonl").exists())
+
+
+def _draw_loss(ax, run_dir: Path, others: list[Path]) -> None:
     metrics = read_metrics(run_dir)
-    if not metrics:
-        return None
-    out = out or run_dir / "loss.png"
-    fig, ax = plt.subplots(figsize=(9, 4.8))
     k = max(1, len(metrics) // 60)
-    runs = [run_dir] + sorted(p for p in run_dir.parent.iterdir()
-                              if p != run_dir and p.is_dir() and (p / "metrics.jsonl").exists())
-    for i, path in enumerate(runs):
+    for i, path in enumerate([run_dir] + others):
         rows = metrics if path == run_dir else read_metrics(path)
         if not rows:
             continue
         label = f"{path.name} ({_run_info(path).get('mode', '?')})"
         ax.plot([r["step"] for r in rows], _smooth([r["loss"] for r in rows], k), label=label,
                 lw=1.6 if i == 0 else 1.1, alpha=1.0 if i == 0 else 0.8)
-    schedule = _run_info(run_dir).get("schedule", {})
-    seen = set()
-    for site, step in schedule.get("freeze_at", {}).items():
-        kind, colour = site_colour(site)
-        ax.axvline(step, color=colour, lw=0.6, alpha=0.5,
-                   label=f"freeze {kind}" if kind not in seen else None)
-        seen.add(kind)
-    for key, label, style in (("eot_off", "EOT special σ̂ removed", ":"), ("bos_off", "BOS special σ̂ removed", "--")):
-        for i, step in enumerate(sorted(set(schedule.get(key, {}).values()))):
-            ax.axvline(step, color="k", ls=style, lw=0.9, label=None if i else label)
+    _draw_events(ax, _run_info(run_dir).get("schedule", {}))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"train CE (nats), mean of {k} step(s)")
     ax.set_title(f"{run_dir.name}: loss with removal events")
     ax.legend(fontsize=7, loc="upper right")
+
+
+def _draw_events(ax, schedule: dict, legend: bool = True) -> None:
+    """A vertical line at each freeze (colour by site kind) and each removal of a special σ̂ (black)."""
+    seen = set()
+    for site, step in schedule.get("freeze_at", {}).items():
+        kind, colour = site_colour(site)
+        ax.axvline(step, color=colour, lw=0.6, alpha=0.5,
+                   label=f"freeze {kind}" if legend and kind not in seen else None)
+        seen.add(kind)
+    for key, label, style in (("eot_off", "EOT special σ̂ removed", ":"), ("bos_off", "BOS special σ̂ removed", "--")):
+        for i, step in enumerate(sorted(set(schedule.get(key, {}).values()))):
+            ax.axvline(step, color="k", ls=style, lw=0.9, label=None if i or not legend else label)
+
+
+def plot_loss(run_dir: Path, out: Path | None = None) -> Path | None:
+    """Loss per step of this run, sibling runs in the same parent folder overlaid (e.g. the vanilla control),
+    and a vertical line at each removal event (colour by site kind; specials dashed)."""
+    run_dir = Path(run_dir)
+    if not read_metrics(run_dir):
+        return None
+    out = out or run_dir / "loss.png"
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    _draw_loss(ax, run_dir, _siblings(run_dir))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, wrap=True, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw_val(ax, run_dir: Path, others: list[Path]) -> None:
+    drawn = False
+    for i, path in enumerate([run_dir] + others):
+        rows = [r for r in read_metrics(path) if "val_loss" in r]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3,
+                    lw=1.6 if i == 0 else 1.1, label=f"{path.name} ({_run_info(path).get('mode', '?')})")
+            drawn = True
+    if not drawn:
+        return _note(ax, "no validation CE in metrics.jsonl\n(run with --eval-every N)")
+    _draw_events(ax, _run_info(run_dir).get("schedule", {}), legend=False)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation CE (nats)")
+    ax.set_title("validation CE")
+    ax.legend(fontsize=7)
+
+
+def _draw_sigma(ax, run_dir: Path) -> None:
+    rows = [r for r in read_metrics(run_dir) if "sigma" in r]
+    if not rows:
+        return _note(ax, "no σ̂ in metrics.jsonl (a control or pretraining run keeps its norms)")
+    freeze_at = _run_info(run_dir).get("schedule", {}).get("freeze_at", {})
+    steps = [r["step"] for r in rows]
+    seen = set()
+    for site in rows[0]["sigma"]:
+        values = [r["sigma"][site] for r in rows]
+        values = [sum(v) / len(v) if isinstance(v, list) else v for v in values]  # per-head sites: mean of heads
+        kind, colour = site_colour(site)
+        ax.plot(steps, values, color=colour, lw=0.8, alpha=0.7, label=kind if kind not in seen else None)
+        seen.add(kind)
+        if site in freeze_at and freeze_at[site] in steps:
+            ax.plot(freeze_at[site], values[steps.index(freeze_at[site])], "o", color=colour, ms=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("σ̂ (dot: frozen from here)")
+    ax.set_title("σ̂ of every site")
+    ax.legend(fontsize=7)
+
+
+def residual_std_by_position(model, batch) -> list[float]:
+    """Std of the last block's output (hook_resid_post) per position, mean over the batch."""
+    import torch
+
+    cache: dict = {}
+    with torch.no_grad():
+        model(batch, cache=cache)
+    return cache[f"blocks.{model.n_layers - 1}.hook_resid_post"].std(-1).mean(0).tolist()
+
+
+def _draw_residual(ax, run_dir: Path, others: list[Path], cache_root: Path | None) -> None:
+    """The original model against each run's final model, on the first sequences of the run's training data."""
+    from .data import SequenceSampler, build_token_cache
+    from .models import load_model
+    from .models.io import load_source
+    from .tokenizer import load_tokenizer
+
+    info = _run_info(run_dir)
+    try:
+        final = run_dir / "final"
+        tokenizer = load_tokenizer(final)
+        cache = build_token_cache(info["data"], tokenizer, split="train", cache_root=cache_root, progress=False)
+        ctx = info["train"]["ctx"]
+        batch = SequenceSampler(cache, ctx, shuffle=False).next_batch(min(8, cache.n_sequences(ctx)))
+        curves = {}
+        if "model" in info:
+            curves[f"original ({Path(str(info['model'])).name})"] = residual_std_by_position(
+                load_source(info["model"])[0].eval(), batch)
+        for path in [run_dir] + others:
+            if (path / "final").is_dir():
+                curves[f"{path.name} ({_run_info(path).get('mode', '?')})"] = residual_std_by_position(
+                    load_model(path / "final").eval(), batch)
+    except Exception as e:  # a plot must not fail for want of a model or data: say why in the panel
+        return _note(ax, f"residual std by position unavailable:\n{type(e).__name__}: {str(e)[:120]}")
+    for label, values in curves.items():
+        ax.plot(values, label=label, lw=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("position")
+    ax.set_ylabel("residual std, last block (mean over batch)")
+    ax.set_title("per-position residual std")
+    ax.legend(fontsize=7)
+
+
+def plot_run(run_dir: Path, others: list[Path] | None = None, out: Path | None = None, residual: bool = True,
+             cache_root: Path | None = None) -> Path:
+    """One figure for any run (`lnfree plot`): train loss with removal events, validation CE, σ̂ of every site,
+    residual std by position (original vs final). `others` are overlaid (default: sibling runs, e.g. the
+    control). Written to RUN/plots.png unless `out` is given."""
+    run_dir = Path(run_dir)
+    if not read_metrics(run_dir):
+        raise ValueError(f"{run_dir} holds no metrics.jsonl with steps; give a run folder of `lnfree remove`")
+    others = [Path(p) for p in others] if others else _siblings(run_dir)
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    _draw_loss(axes[0, 0], run_dir, others)
+    _draw_val(axes[0, 1], run_dir, others)
+    _draw_sigma(axes[1, 0], run_dir)
+    if residual:
+        _draw_residual(axes[1, 1], run_dir, others, cache_root)
+    else:
+        _note(axes[1, 1], "residual std by position skipped (--no-residual)")
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "plots.png"
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 

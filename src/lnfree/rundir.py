@@ -17,7 +17,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-RUN_FILES = {"run.json", "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock"}
+from .config import RESUME_SAFE
+
+# What a run writes into its folder (reporters and `lnfree plot` included); --overwrite clears these and nothing else.
+RUN_FILES = {"run.json", "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock", "tensorboard", "wandb",
+             "wandb-id", "plots.png"}
 LOCK = ".lock"
 
 
@@ -43,7 +47,8 @@ def prepare(out: Path, *, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise ValueError(f"--out {out} already holds a run; --resume to continue it, --overwrite to clear it and "
                          "start again, or give a new folder")
-    for child in out.iterdir():  # checkpoints first: a kill mid-way must not leave old checkpoints to resume from
+    # checkpoints first: a kill mid-way must not leave old checkpoints to resume from
+    for child in sorted(out.iterdir(), key=lambda p: p.name != "checkpoints"):
         if child.name in RUN_FILES and child.name != LOCK:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
@@ -113,7 +118,8 @@ def _flag(field: str) -> str:
 def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: str | None,
                          overrides: dict[str, object]) -> None:
     """Refuse a `--resume` whose command line changes the run: the mode, model, data, an explicitly given preset
-    (resolved name) and every explicitly given training setting must equal what run.json recorded."""
+    (resolved name) and every explicitly given training setting must equal what run.json recorded — except the
+    settings in `config.RESUME_SAFE` (checkpointing, validation cadence, device)."""
     saved = json.loads((Path(out) / "run.json").read_text())
     if saved.get("mode") != mode:
         fix = "add --control" if saved.get("mode") == "control" else "drop --control"
@@ -128,6 +134,8 @@ def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: st
     if "sigma" in saved:
         recorded["ema_momentum"] = saved["sigma"]["momentum"]
     for key, value in overrides.items():
+        if key in RESUME_SAFE:
+            continue  # where and how often things are written or measured: a resume may change them
         if key in recorded and recorded[key] != value:
             raise ValueError(f"--resume: {_flag(key)} {value} differs from the run's {recorded[key]} (run.json); drop "
                              "it to continue the run as it was started, or start a new run")

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import rundir
-from .config import TrainConfig
-from .data import SequenceSampler, build_token_cache
+from .config import RESUME_SAFE, TrainConfig
+from .data import DataSourceError, SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
 from .models import save_model
@@ -72,23 +72,49 @@ def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | Non
     return cache
 
 
+def _validation_batches(data: str, eval_data: str | None, tokenizer, cfg: TrainConfig, cache_root: Path | None,
+                        progress: bool) -> list | None:
+    """The first `cfg.eval_tokens` tokens (whole sequences, at least one) of the training source's val split, or
+    of all of `eval_data` when given, in micro-batches; None when the run does not validate."""
+    if not cfg.eval_every:
+        return None
+    source, split = (eval_data, "all") if eval_data else (data, "val")
+    try:
+        cache = build_token_cache(source, tokenizer, split=split, cache_root=cache_root, progress=progress)
+    except DataSourceError as e:
+        raise ValueError(f"--eval-every: no validation data in {source!r} ({str(e).splitlines()[0]}); pass "
+                         "--eval-data with a held-out source, or --eval-every 0") from None
+    n = min(cache.n_sequences(cfg.ctx), max(1, cfg.eval_tokens // cfg.ctx))
+    if n < 1:
+        raise ValueError(f"the val split of {source!r} holds no sequence of {cfg.ctx} tokens; pass --eval-data")
+    out, left = [], n
+    for batch in SequenceSampler(cache, cfg.ctx, shuffle=False).iter_batches(cfg.micro_batch):
+        out.append(batch[:left])
+        left -= len(out[-1])
+        if left <= 0:
+            break
+    return out
+
+
 def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str | None = None,
                 overrides: dict | None = None, control: bool = False, resume: bool = False,
                 overwrite: bool = False, cache_root: Path | None = None, progress: bool = True,
-                show_plan: bool = False) -> RunResult:
+                show_plan: bool = False, eval_data: str | None = None,
+                report_to: tuple[str, ...] = ()) -> RunResult:
     """Fine-tune `model_source` on `data`, removing every LN by `preset` (default baroni2025), or keeping them
     (control). `out_dir` holds one run (see lnfree.rundir): new and empty, `resume`d, or cleared with
-    `overwrite`. `show_plan` prints the preset's settings and timeline first."""
+    `overwrite`. `show_plan` prints the preset's settings and timeline first. With `eval_every` set, validation
+    CE is measured on `eval_data`'s val split (default: `data`'s); `report_to` adds TensorBoard / W&B."""
     out_dir = Path(out_dir)
     rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
     with rundir.locked(out_dir):
         rundir.remove_stale_temps(out_dir)
         return _run_removal(model_source, data, out_dir, preset, overrides or {}, control, resume, cache_root,
-                            progress, show_plan)
+                            progress, show_plan, eval_data, tuple(report_to))
 
 
 def _run_removal(model_source, data, out_dir, preset, overrides, control, resume, cache_root, progress,
-                 show_plan) -> RunResult:
+                 show_plan, eval_data, report_to) -> RunResult:
     model, where = load_source(model_source)
     model_dir = where.model_dir
     if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
@@ -102,7 +128,8 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         rundir.check_resume_matches(out_dir, mode, str(model_source), data, plan.preset if preset else None,
                                     {k: v for k, v in overrides.items() if v is not None})
         saved = json.loads((out_dir / "run.json").read_text())
-        cfg, schedule = TrainConfig.from_dict(saved["train"]), Schedule.from_dict(saved["schedule"])
+        safe = {k: v for k, v in overrides.items() if k in RESUME_SAFE and v is not None}
+        cfg, schedule = replace(TrainConfig.from_dict(saved["train"]), **safe), Schedule.from_dict(saved["schedule"])
         sigma = SigmaRule.from_dict(saved["sigma"]) if "sigma" in saved else sigma
     elif control:
         # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
@@ -118,10 +145,13 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed)
     calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET)
     calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
+    val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     extra = {"model": str(model_source), "data": data, "preset": plan.preset,
              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest}
+    if val:
+        extra["eval_data"] = eval_data or data
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
-                   resume=resume, mode=mode, extra=extra, progress=progress)
+                   resume=resume, mode=mode, extra=extra, progress=progress, val_batches=val, report_to=report_to)
     final = result.model.fold() if not control else result.model
     save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
     plot_with_siblings(out_dir)
@@ -130,24 +160,28 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
 
 def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, cfg: TrainConfig, *,
                  resume: bool = False, overwrite: bool = False, cache_root: Path | None = None,
-                 progress: bool = True) -> RunResult:
+                 progress: bool = True, eval_data: str | None = None, report_to: tuple[str, ...] = ()) -> RunResult:
     """Train `model` from its initialisation with every LN live (the offline analog's pretraining); `out_dir`
     holds one run, as for `run_removal`."""
     out_dir = Path(out_dir)
     rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
     with rundir.locked(out_dir):
         rundir.remove_stale_temps(out_dir)
-        return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress)
+        return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress, eval_data,
+                             tuple(report_to))
 
 
-def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress) -> RunResult:
+def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress, eval_data,
+                  report_to) -> RunResult:
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(model, tokenizer, str(tokenizer_dir))
     cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
     extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
              "data_manifest": cache.manifest}
+    val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),
-                   out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress)
+                   out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress, val_batches=val,
+                   report_to=report_to)
     save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
     plot_with_siblings(out_dir)
     return result

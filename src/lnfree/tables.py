@@ -31,7 +31,8 @@ def table_rows(results: dict[str, Any], baseline: str | None = None) -> list[dic
         metrics = [k for k in ("acc_norm", "acc", "perplexity") if any(k in r for r in per_model.values())]
         for metric in metrics:
             rows.append({"kind": "benchmark", "name": task, "metric": metric,
-                         "values": {m: r.get(metric) for m, r in per_model.items()}})
+                         "values": {m: r.get(metric) for m, r in per_model.items()},
+                         "stderr": {m: r.get(f"{metric}_stderr") for m, r in per_model.items()}})
     for row in rows:
         base = row["values"].get(baseline) if baseline is not None else None
         row["delta"] = {m: (v - base if v is not None and base is not None else None)
@@ -57,6 +58,9 @@ def _cell(row: dict[str, Any], model: str, baseline: str | None) -> str:
     scale = 100.0 if row["kind"] == "benchmark" and row["metric"] != "perplexity" else 1.0
     digits = 2 if scale == 100.0 else 4
     text = _fmt(None if value is None else value * scale, digits)
+    stderr = row.get("stderr", {}).get(model)
+    if value is not None and stderr is not None:
+        text += f" ± {stderr * scale:.{digits}f}"
     delta = row["delta"].get(model)
     if delta is not None and model != baseline:
         text += f" ({delta * scale:+.{digits}f})"
@@ -71,7 +75,7 @@ def format_markdown(results: dict[str, Any], baseline: str | None = None) -> str
     p = results.get("protocol", {})
     out = ["## Comparison" + (f" (Δ vs {baseline})" if baseline else ""), "",
            f"CE: mean per-token loss in nats, ctx {p.get('ctx')}, {p.get('dtype')}, no BOS, EOT targets included."
-           " Benchmarks: lm-evaluation-harness, %.", "",
+           " Benchmarks: lm-evaluation-harness, % ± standard error.", "",
            "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for row in rows:
         label = f"{row['name']} CE" if row["kind"] == "ce" else f"{row['name']} {row['metric']}"

@@ -6,7 +6,8 @@ Short on purpose: schedules (method/schedule.py), σ̂ (method/calibrate.py), da
     2. gradient accumulation over micro-batches; CE over every next-token prediction, EOT targets included
        (the 2025 code masked them out); Baroni's auxiliary loss when its weight > 0
     3. clip, AdamW step, then one EMA update of σ̂ at live sites from this step's training forwards
-    4. spike guard, metrics line, checkpoint
+    4. spike guard, metrics line (σ̂ of every site, validation CE every `eval_every` steps; also sent to TensorBoard /
+       W&B when asked), checkpoint
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .checkpoint import RunState, load_latest_readable, save_checkpoint
-from .config import TrainConfig
+from .config import DTYPES, TrainConfig
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
 from .method.sigma import SigmaRule
 from .models.base import LNModel
 from .models.io import FAMILIES
+from .tracking import StepProgress, check_reporters, open_reporters, scalars
 
 
 class Sampler(Protocol):
@@ -93,8 +94,19 @@ def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": cuda when available, else cpu; or any torch device string, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -102,18 +114,46 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
 
+@torch.no_grad()
+def validation_loss(model: LNModel, batches: list[Tensor], cfg: TrainConfig, device: torch.device) -> float:
+    """Mean next-token CE over `batches` (every prediction weighs the same), in eval mode: no dropout, and σ̂
+    neither measured nor moved, so validating never changes the run."""
+    model.eval()
+    total, count = 0.0, 0
+    for idx in batches:
+        idx = idx.to(device)
+        with _autocast(cfg, device):
+            logits = model(idx)
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="sum").item()
+        count += idx[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def sigma_record(model: LNModel) -> dict[str, float | list[float]]:
+    """σ̂ of every site (a per-head site: one per head), as metrics.jsonl stores it."""
+    return {name: site.sigma.tolist() for name, site in model.norm_sites().items()}
+
+
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
           sigma: SigmaRule | None = None, calibration_batches: list[Tensor] | None = None, resume: bool = False,
-          mode: str = "lnfree", extra: dict | None = None, progress: bool = True) -> RunResult:
+          mode: str = "lnfree", extra: dict | None = None, progress: bool = True,
+          val_batches: list[Tensor] | None = None, report_to: tuple[str, ...] = ()) -> RunResult:
     """Run (or resume) `schedule.total_steps` optimizer steps, writing metrics.jsonl and checkpoints to run_dir.
 
     mode: "lnfree" (the schedule removes LNs; σ̂ measured and followed by `sigma`), "control" (same run, every
-    LN kept, no statistics), "pretrain" (from scratch).
+    LN kept, no statistics), "pretrain" (from scratch). `val_batches` are scored every `cfg.eval_every` steps;
+    `report_to` names reporters (tensorboard, wandb) that receive every metrics record.
     """
     sigma = sigma or SigmaRule()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = _device()
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.eval_every and not val_batches:
+        raise ValueError("--eval-every needs validation data; pass val batches (the run's val split)")
+    device = resolve_device(cfg.device)
+    check_reporters(report_to)
     seqs_per_step = cfg.sequences_per_step()
     n_micro = seqs_per_step // cfg.micro_batch
     model.to(device).train()
@@ -145,54 +185,67 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     fwd = torch.compile(model) if cfg.compile else model
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
-    bar = tqdm(range(start, schedule.total_steps), initial=start, total=schedule.total_steps, disable=not progress,
-               desc=f"{mode} {run_dir.name}", unit="step", dynamic_ncols=True)
+    reporters = open_reporters(report_to, run_dir, start, run_info)
+    bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress)
     t_start, loss_value, last_ckpt = time.time(), float("nan"), ckpt
-    for step in bar:
-        t0 = time.time()
-        newly_frozen = apply_site_states(model, schedule.state_at(step)) if mode == "lnfree" else []
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ce_sum, aux_sum = 0.0, 0.0
-        for _ in range(n_micro):
-            idx = sampler.next_batch(cfg.micro_batch).to(device, non_blocking=True)
-            with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
-                if cfg.aux_weight > 0:
-                    logits, final_std = fwd(idx, return_final_std=True)
-                    aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
-                else:
-                    logits, aux = fwd(idx), torch.zeros((), device=device)
-                ce = next_token_loss(logits, idx)
-            ((ce + cfg.aux_weight * aux) / n_micro).backward()
-            ce_sum += ce.item()
-            aux_sum += aux.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        loss_value = ce_sum / n_micro
-        _guard(loss_value, history, cfg, step, last_ckpt)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if collect and sigma.ema == "step":
-            model.ema_step(sigma.momentum)
-        history = (history + [loss_value])[-50:]
-        frozen = sum(s.is_frozen for s in model.norm_sites().values())
-        dt = time.time() - t0
-        record = {"step": step, "loss": loss_value, "aux_loss": aux_sum / n_micro, "lr": lr,
-                  "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-                  "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
-        if newly_frozen:
-            record["events"] = newly_frozen
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}",
-                        frozen=f"{frozen}/{n_sites}")
-        done = step + 1 == schedule.total_steps
-        if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-            state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
-                             data=sampler.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
-                             family=model.family, history=history, extra={"mode": mode})
-            last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
-    bar.close()
+    try:
+        for step in range(start, schedule.total_steps):
+            t0 = time.time()
+            newly_frozen = apply_site_states(model, schedule.state_at(step)) if mode == "lnfree" else []
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ce_sum, aux_sum = 0.0, 0.0
+            for _ in range(n_micro):
+                idx = sampler.next_batch(cfg.micro_batch).to(device, non_blocking=True)
+                with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
+                    if cfg.aux_weight > 0:
+                        logits, final_std = fwd(idx, return_final_std=True)
+                        aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
+                    else:
+                        logits, aux = fwd(idx), torch.zeros((), device=device)
+                    ce = next_token_loss(logits, idx)
+                ((ce + cfg.aux_weight * aux) / n_micro).backward()
+                ce_sum += ce.item()
+                aux_sum += aux.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            loss_value = ce_sum / n_micro
+            _guard(loss_value, history, cfg, step, last_ckpt)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if collect and sigma.ema == "step":
+                model.ema_step(sigma.momentum)
+            history = (history + [loss_value])[-50:]
+            frozen = sum(s.is_frozen for s in model.norm_sites().values())
+            dt = time.time() - t0
+            done = step + 1 == schedule.total_steps
+            record = {"step": step, "loss": loss_value, "aux_loss": aux_sum / n_micro, "lr": lr,
+                      "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                      "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
+                record["val_loss"] = validation_loss(model, val_batches, cfg, device)
+            if mode == "lnfree":
+                record["sigma"] = sigma_record(model)
+            if newly_frozen:
+                record["events"] = newly_frozen
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for reporter in reporters:
+                reporter.log(step, scalars(record))
+            shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_step / dt:,.0f}",
+                     "frozen": f"{frozen}/{n_sites}"}
+            if "val_loss" in record:
+                shown["val"] = f"{record['val_loss']:.4f}"
+            bar.update(step, shown)
+            if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
+                                 data=sampler.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
+                                 family=model.family, history=history, extra={"mode": mode})
+                last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        for reporter in reporters:
+            reporter.close()
     steps_run = schedule.total_steps - start
     return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=steps_run * tokens_per_step,
                      wall_seconds=time.time() - t_start, model=model)

@@ -497,7 +497,7 @@ def _default_num_proc() -> int:
 
 
 def _read_valid_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest if ``folder`` holds a complete cache of this format, else None (rebuild it)."""
+    """The manifest if ``folder`` holds a complete, intact cache of this format, else None (rebuild it)."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         complete = (
@@ -506,9 +506,25 @@ def _read_valid_manifest(folder: Path) -> dict[str, Any] | None:
             and (folder / TOKENS_FILE).stat().st_size
             == int(manifest["token_count"]) * np.dtype(manifest["dtype"]).itemsize
         )
+        if complete and (folder / TOKENS_FILE).stat().st_size <= VERIFY_HASH_BYTES:
+            complete = _file_sha256(folder / TOKENS_FILE) == manifest["tokens_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return manifest if complete else None
+
+
+# A cache this small is checked against its sha256 at every open (well under a second); a larger one only has
+# each batch's ids checked against the vocabulary as they are read (SequenceSampler), which catches what would
+# crash the embedding, not an in-range corruption.
+VERIFY_HASH_BYTES = 64 * 2**20
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _open_tokens(folder: Path, manifest: dict[str, Any]) -> np.memmap:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .cache import TokenCache
+from .sources import DataSourceError
 
 if TYPE_CHECKING:  # torch is imported lazily so tokenizer worker processes start fast.
     import torch
@@ -114,4 +115,8 @@ class SequenceSampler:
         tokens = self.cache.tokens
         # Contiguous slices (one memcpy each) beat fancy indexing into the memmap for long sequences.
         batch = np.stack([tokens[i * ctx : (i + 1) * ctx] for i in indices.tolist()]).astype(np.int64)
+        vocab = self.cache.manifest.get("vocab_size")
+        if vocab is not None and batch.size and batch.max() >= vocab:
+            raise DataSourceError(f"token cache {self.cache.path} holds id {int(batch.max())}, outside its "
+                                  f"{vocab}-token vocabulary: the file is corrupt; delete the folder to rebuild it")
         return torch.from_numpy(batch)
