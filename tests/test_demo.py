@@ -78,3 +78,16 @@ def test_the_harder_analog_is_refused_for_families_without_one():
     model = FAMILIES["llama"].new_model(64, 32, 32, 1, 2, 63, 0)
     with pytest.raises(ValueError, match="GPT-2 only"):
         model.plant_position0_writer(40.0)
+
+
+def test_new_training_settings_keep_the_cached_analogs_keys():
+    """Each analog is pretrained once (~20 minutes here) and found again by its key; a TrainConfig field added
+    later must not change the key of the analogs cached before it (it did once, and re-pretrained them)."""
+    from dataclasses import replace
+
+    from lnfree.demo import DemoConfig, hard_config
+
+    assert DemoConfig().key() == "4ab4ef78eed2"  # keys of the analogs pretrained on 2026-11-28/29
+    assert hard_config().key() == "6bfae190c55f"
+    assert replace(DemoConfig(), family="llama").key() == "fa99f298f706"
+    assert replace(DemoConfig(), pretrain=replace(DemoConfig().pretrain, lr=1e-3)).key() != DemoConfig().key()

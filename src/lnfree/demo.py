@@ -72,8 +72,16 @@ class DemoConfig:
         for name, default in (("pos0_writer", 0.0), ("family", "gpt2")):
             if fields[name] == default:
                 fields.pop(name)  # keeps the cache key of analogs pretrained before the option existed
+        for name in _TRAIN_FIELDS_ADDED_LATER:  # likewise for training settings added since (at their defaults)
+            if fields["pretrain"][name] == getattr(TrainConfig(), name):
+                fields["pretrain"].pop(name)
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# TrainConfig fields that did not exist when the first analogs were cached: left out of the key at their defaults,
+# so that adding a setting never silently re-pretrains an analog (about 20 minutes on 2 cores).
+_TRAIN_FIELDS_ADDED_LATER = ("device", "eval_every", "eval_tokens")
 
 
 def _say(msg: str) -> None:
