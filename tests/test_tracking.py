@@ -123,7 +123,8 @@ def test_plot_renders_a_remove_run_with_its_control(tiny_setup, tmp_path, capsys
 def test_every_training_setting_is_a_flag():
     from lnfree.cli import _overrides
 
-    values = {"betas": ["0.8", "0.9"], "dtype": ["bf16"], "device": ["cpu"], "decay_steps": ["7"]}
+    given = {"betas": (["0.8", "0.9"], (0.8, 0.9)), "dtype": (["bf16"], "bf16"), "device": (["cpu"], "cpu"),
+             "decay_steps": (["7"], 7), "max_train_tokens": (["4096"], 4096)}
     argv = ["remove", "m", "--data", "d", "--out", "o"]
     expected = {}
     for f in fields(TrainConfig):
@@ -134,12 +135,11 @@ def test_every_training_setting_is_a_flag():
         if isinstance(default, bool):
             argv.append(flag if not default else f"--no-{flag[2:]}")
             expected[f.name] = not default
-        elif f.name in values:
-            argv += [flag, *values[f.name]]
-            expected[f.name] = tuple(map(float, values[f.name])) if f.name == "betas" else type(default or 0)(
-                values[f.name][0]) if f.name != "device" and f.name != "dtype" else values[f.name][0]
+        elif f.name in given:
+            argv += [flag, *given[f.name][0]]
+            expected[f.name] = given[f.name][1]
         else:
-            argv += [flag, str(default * 3 if not isinstance(default, str) else default)]
+            argv += [flag, str(default * 3)]
             expected[f.name] = default * 3
     args = build_parser().parse_args(argv)
     args.config_overrides = {}

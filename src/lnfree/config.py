@@ -53,6 +53,11 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk (oldest deleted first)")
     spike_factor: float = _opt(10.0, "stop when a step's loss exceeds this multiple of the running median (or "
                                      "is not finite)")
+    max_train_tokens: int | None = _opt(None, "tokens a removal run tokenizes and reads from: a seeded random sample "
+                                              "of the data's documents (default: what the run reads — steps × "
+                                              "batch tokens + calibration)")
+    full_cache: bool = _opt(False, "tokenize the whole training split first (nanoGPT's prepare.py) instead of a "
+                                   "sample that covers the run")
     eval_every: int = _opt(0, "validation CE every N steps and at the end, on the data's val split (0: never)")
     eval_tokens: int = _opt(2**17, "tokens of the val split each validation scores (the same sequences each time)")
 

@@ -81,7 +81,7 @@ class DemoConfig:
 
 # TrainConfig fields that did not exist when the first analogs were cached: left out of the key at their defaults,
 # so that adding a setting never silently re-pretrains an analog (about 20 minutes on 2 cores).
-_TRAIN_FIELDS_ADDED_LATER = ("device", "eval_every", "eval_tokens")
+_TRAIN_FIELDS_ADDED_LATER = ("device", "eval_every", "eval_tokens", "max_train_tokens", "full_cache")
 
 
 def _say(msg: str) -> None:

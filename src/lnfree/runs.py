@@ -64,12 +64,32 @@ def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
                          f"{model.vocab_size}; use the model's own tokenizer")
 
 
-def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool):
-    cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root, progress=progress)
+def token_need(cfg: TrainConfig) -> int:
+    """Tokens a run reads: every step's batch plus the calibration batches (or --max-train-tokens)."""
+    if cfg.max_train_tokens is not None:
+        if cfg.max_train_tokens < cfg.ctx * cfg.micro_batch:
+            raise ValueError(f"--max-train-tokens {cfg.max_train_tokens} is less than one micro-batch "
+                             f"({cfg.micro_batch} × {cfg.ctx} tokens)")
+        return cfg.max_train_tokens
+    return cfg.steps * cfg.batch_tokens + cfg.calibration_batches * cfg.micro_batch * cfg.ctx
+
+
+def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool,
+                  sample: bool = True):
+    """(token cache, sequence window): a sampled cache covering the run's need, read in its first `window`
+    sequences — or the whole split (`full_cache`, pretraining), window None."""
+    if sample and not cfg.full_cache:
+        need = token_need(cfg)
+        cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root, progress=progress,
+                                  need_tokens=need)
+        window = -(-need // cfg.ctx)
+    else:
+        cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root, progress=progress)
+        window = None
     if cache.n_sequences(cfg.ctx) < cfg.micro_batch:
         raise ValueError(f"data source {data!r} has only {cache.n_sequences(cfg.ctx)} sequences of {cfg.ctx} "
                          f"tokens; give more text or a smaller --ctx")
-    return cache
+    return cache, window
 
 
 def _validation_batches(data: str, eval_data: str | None, tokenizer, cfg: TrainConfig, cache_root: Path | None,
@@ -141,13 +161,14 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         print(schedule.format_timeline(), flush=True)
     if cfg.ctx > model.context_length:
         raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.context_length} tokens")
-    cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
-    sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed)
-    calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET)
+    cache, window = _token_stream(data, tokenizer, cfg, cache_root, progress)
+    sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed, window=window)
+    calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET, window=window)
     calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
     val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     extra = {"model": str(model_source), "data": data, "preset": plan.preset,
-             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest}
+             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest,
+             "data_window_sequences": window}
     if val:
         extra["eval_data"] = eval_data or data
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
@@ -175,7 +196,7 @@ def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, 
                   report_to) -> RunResult:
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(model, tokenizer, str(tokenizer_dir))
-    cache = _token_stream(data, tokenizer, cfg, cache_root, progress)
+    cache, _ = _token_stream(data, tokenizer, cfg, cache_root, progress, sample=False)  # pretraining: every token
     extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
              "data_manifest": cache.manifest}
     val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)

@@ -20,6 +20,10 @@ Sources (one string):
   * an existing token-cache folder (reused as is after checking its tokenizer fingerprint).
 Local sources and ``stdlib`` are split into train/val by file (a hash of the path picks ~3% for val), so
 the split never depends on which other files exist.
+
+A removal run does not tokenize a whole training split: ``build_token_cache(..., need_tokens=N)`` makes or grows a
+*sampled* cache — a seeded random sample of documents covering N tokens (``lnfree.data.sample``) — and the run
+reads its first N tokens (``SequenceSampler(window=...)``). Validation splits are always tokenized in full.
 """
 
 from __future__ import annotations

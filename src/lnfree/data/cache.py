@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import secrets
+import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -276,6 +277,14 @@ class TokenCache:
         """48-bit int from the tokens' sha256: identifies the exact stream in JSON-friendly form."""
         return int(self.manifest["tokens_sha256"][:12], 16)
 
+    def prefix_id(self, n_tokens: int) -> int:
+        """Like `data_id`, for the first `n_tokens` tokens only (hashed once per cache object: ~1 s per GB)."""
+        cached = self.__dict__.setdefault("_prefix_ids", {})
+        if n_tokens not in cached:
+            digest = hashlib.sha256(np.asarray(self.tokens[:n_tokens]).tobytes())
+            cached[n_tokens] = int(digest.hexdigest()[:12], 16)
+        return cached[n_tokens]
+
     def n_sequences(self, ctx: int) -> int:
         """Number of complete, non-overlapping ``ctx``-token sequences (the incomplete tail is dropped)."""
         if ctx < 1:
@@ -305,20 +314,33 @@ def build_token_cache(
     max_tokens: int | None = None,
     num_proc: int | None = None,
     progress: bool = True,
+    need_tokens: int | None = None,
+    sample_seed: int = 0,
 ) -> TokenCache:
     """Tokenize ``source``/``split`` with ``tokenizer`` into a token cache, or return the existing one.
 
     ``max_documents`` keeps the first N non-empty documents (rows for hub and pre-tokenized data);
-    ``max_tokens`` cuts the stream to exactly N tokens. ``num_proc`` (default: CPU count, at most 8) only
-    changes speed, never the bytes written. ``source`` may also be an existing cache folder, which is
-    reused after checking that it was made with ``tokenizer`` and holds ``split``.
+    ``max_tokens`` cuts the stream to exactly N tokens. ``need_tokens`` instead makes (or grows) a *sampled*
+    cache (see ``lnfree.data.sample``): a ``sample_seed``-ed random subset of documents covering at least that
+    many tokens. ``num_proc`` (default: CPU count, at most 8) only changes speed, never the bytes written.
+    ``source`` may also be an existing cache folder, which is reused after checking that it was made with
+    ``tokenizer`` and holds ``split``.
     """
     _check_limit("max_documents", max_documents)
     _check_limit("max_tokens", max_tokens)
+    _check_limit("need_tokens", need_tokens)
     fingerprint = tokenizer_fingerprint(tokenizer)
     resolved = _resolve_source(source, split)
     if resolved.kind == "cache":
         return _reuse_cache_folder(resolved.root, tokenizer, split, max_documents, max_tokens)
+    if need_tokens is not None:
+        if max_documents is not None or max_tokens is not None:
+            raise ValueError("need_tokens (a sampled cache) cannot be combined with max_documents/max_tokens")
+        sampled = _sampled_cache(resolved, tokenizer, source, split, cache_root, need_tokens, sample_seed, num_proc,
+                                 progress)
+        if sampled is not None:
+            return sampled
+        max_tokens = need_tokens  # no random access to documents (streaming hub data): read a prefix instead
 
     key = {
         "format_version": CACHE_FORMAT_VERSION,
@@ -339,6 +361,53 @@ def build_token_cache(
         manifest.update(tokenizer_fingerprint=fingerprint, cache_key=key, cache_key_digest=key_digest)
         _atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return TokenCache.open(folder, tokenizer)
+
+
+def _sampled_cache(resolved: _Source, tokenizer: Any, source: str, split: str, cache_root: Any, need: int, seed: int,
+                   num_proc: int | None, progress: bool) -> TokenCache | None:
+    """The sampled cache of (source, split, tokenizer, seed), grown to cover `need` tokens; None when the source
+    cannot be sampled."""
+    from . import sample
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    key = {"format_version": CACHE_FORMAT_VERSION, "source": resolved.ident, "split": split,
+           "tokenizer_fingerprint": fingerprint, "eot_id": tokenizer.eos_token_id, "sample_seed": seed,
+           "content_signature": resolved.signature}
+    key_digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    folder = root / f"{resolved.slug}-{_slug(split)}-sample{seed}-{key_digest}"
+    doc_tokenizer = _document_tokenizer(tokenizer, resolved)
+    with sample.folder_lock(folder):
+        manifest = _read_valid_manifest(folder)
+        if not sample.covers(manifest, need):
+            base = {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "source": source,
+                    "source_resolved": resolved.ident, "split": split,
+                    "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")), "vocab_size": len(tokenizer),
+                    "eot_id": doc_tokenizer.eot_id, "dtype": doc_tokenizer.dtype.name, "byteorder": "little",
+                    "pretokenized": False, "max_documents": None, "max_tokens": None,
+                    "tokenizer_fingerprint": fingerprint, "cache_key": key, "cache_key_digest": key_digest}
+            workers = num_proc if num_proc is not None else _default_num_proc()
+            try:
+                manifest = sample.build_or_extend(resolved, doc_tokenizer, source, split, folder, need, seed,
+                                                  manifest, base, workers, progress)
+            except sample.NotSampleable:
+                manifest = None
+            else:
+                (folder / MANIFEST_FILE).unlink(missing_ok=True)
+                sample.write_manifest(folder, manifest)
+    if manifest is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return TokenCache.open(folder, tokenizer)
+
+
+def _document_tokenizer(tokenizer: Any, resolved: _Source) -> _DocumentTokenizer:
+    vocab_size = len(tokenizer)
+    dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+    eot_id = tokenizer.eos_token_id
+    if eot_id is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token to use as EOT")
+    return _DocumentTokenizer(tokenizer, int(eot_id), dtype, resolved.root)
 
 
 def _check_limit(name: str, value: int | None) -> None:
@@ -382,11 +451,8 @@ def _build(
     """Write ``tokens.bin`` atomically and return the manifest without its key fields (the caller adds them
     and writes it last, which is what marks the cache complete)."""
     vocab_size = len(tokenizer)
-    dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-    eot_id = tokenizer.eos_token_id
-    if eot_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token to use as EOT")
-    doc_tokenizer = _DocumentTokenizer(tokenizer, int(eot_id), dtype, resolved.root)
+    doc_tokenizer = _document_tokenizer(tokenizer, resolved)
+    dtype, eot_id = doc_tokenizer.dtype, doc_tokenizer.eot_id
     workers = num_proc if num_proc is not None else _default_num_proc()
 
     # Open the source before touching the cache folder: an unreadable source (hub offline) leaves nothing.

@@ -24,7 +24,7 @@ class SequenceSampler:
     With ``shuffle=False`` the order is the stream order, for evaluation via ``iter_batches``.
     """
 
-    def __init__(self, cache: TokenCache, ctx: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, cache: TokenCache, ctx: int, seed: int = 0, shuffle: bool = True, window: int | None = None):
         if ctx < 2:
             raise ValueError(f"ctx must be at least 2 (a sequence needs one prediction), got {ctx}")
         if seed < 0:
@@ -33,7 +33,12 @@ class SequenceSampler:
         self.ctx = ctx
         self.seed = seed
         self.shuffle = shuffle
-        self.n_sequences = cache.n_sequences(ctx)
+        # `window`: read only the first N sequences of the cache — a run's own prefix of a sampled cache that
+        # other runs may have grown since (see lnfree.data.sample)
+        self.n_sequences = cache.n_sequences(ctx) if window is None else min(window, cache.n_sequences(ctx))
+        self.window = window
+        if window is not None and window < 1:
+            raise ValueError(f"window must be at least one sequence, got {window}")
         if self.n_sequences == 0:
             raise ValueError(f"{cache.path} has {cache.token_count} tokens, fewer than one sequence of ctx={ctx}")
         self.epoch = 0
@@ -83,7 +88,7 @@ class SequenceSampler:
             "position": self.position,
             "ctx": self.ctx,
             "n_sequences": self.n_sequences,
-            "data_id": self.cache.data_id,
+            "data_id": self.data_id,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -91,7 +96,7 @@ class SequenceSampler:
         for name, mine in (
             ("ctx", self.ctx),
             ("n_sequences", self.n_sequences),
-            ("data_id", self.cache.data_id),
+            ("data_id", self.data_id),
         ):
             if int(state[name]) != mine:
                 raise ValueError(
@@ -107,6 +112,13 @@ class SequenceSampler:
         self.epoch = int(state["epoch"])
         self.position = position
         self._order_cache = None
+
+    @property
+    def data_id(self) -> int:
+        """What identifies the tokens this sampler reads: the cache's id, or that of its prefix in a window."""
+        if self.window is None:
+            return self.cache.data_id
+        return self.cache.prefix_id(self.n_sequences * self.ctx)  # unchanged when the cache grows behind it
 
     def _gather(self, indices: np.ndarray) -> torch.Tensor:
         import torch
