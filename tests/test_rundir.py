@@ -16,11 +16,12 @@ def _run(setup, out, *extra, capsys=None):
     argv = ["remove", str(setup["model"]), "--data", str(setup["corpus"]), "--out", str(out), "--cache-dir",
             str(setup["cache"]), *RUN_ARGS, *extra]
     code = main(argv)
-    return code, capsys.readouterr().err if capsys else ""
+    captured = capsys.readouterr() if capsys else None
+    return code, captured.err if captured else "", captured.out if captured else ""
 
 
 def _refused(result, *needles):
-    code, err = result
+    code, err = result[:2]
     assert code == 2, err
     line = [x for x in err.splitlines() if x.startswith("lnfree: error:")]
     assert len(line) == 1, err
@@ -68,8 +69,9 @@ def test_resume_checks_a_corrupt_checkpoint_and_stale_temps(tiny_setup, tmp_path
     (run / "checkpoints" / ".tmp-killed").mkdir()
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(metrics[:9]) + "\n")
-    code, err = _run(tiny_setup, run, "--resume", capsys=capsys)
+    code, err, out = _run(tiny_setup, run, "--resume", capsys=capsys)
     assert code == 0 and "warning: checkpoint" in err and "unreadable" in err
+    assert "done: 3 steps" in out  # from the step-9 checkpoint to 12, and tokens/s over those steps alone
     assert _losses(run) == _losses(ref)  # still the same run, bitwise
     assert not (run / "checkpoints" / ".tmp-killed").exists() and not (run / ".lock").exists()
 
