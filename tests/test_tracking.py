@@ -40,9 +40,8 @@ def test_validation_and_sigma_are_logged_without_changing_the_run(tiny_setup, tm
     from lnfree.data import SequenceSampler, build_token_cache
     from lnfree.evaluate import evaluate_ce
     from lnfree.models import load_model
-    from lnfree.tokenizer import load_tokenizer
-
     from lnfree.runs import run_removal
+    from lnfree.tokenizer import load_tokenizer
 
     held_out = _held_out(tmp_path)
     plain, watched = tmp_path / "plain", tmp_path / "watched"
@@ -164,7 +163,8 @@ def test_config_replays_a_run_and_resume_may_change_only_safe_settings(tiny_setu
     assert main(["remove", "--config", str(first / "run.json"), "--out", str(replay), "--cache-dir",
                  str(tiny_setup["cache"]), "--quiet"]) == 0
     assert _losses(replay) == _losses(first)
-    assert json.loads((replay / "run.json").read_text())["train"] == json.loads((first / "run.json").read_text())["train"]
+    train = lambda run: json.loads((run / "run.json").read_text())["train"]
+    assert train(replay) == train(first)
     # a settings file with a typo names it
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"learning_rate": 1e-3}))

@@ -34,8 +34,6 @@ def _run_schedule(args: argparse.Namespace) -> int:
 # TrainConfig fields the command line spells differently, or sets elsewhere (--control is its own flag)
 _ALIASES = {"warmup_steps": ["--warmup"]}
 _NOT_FLAGS = {"control"}
-# Run options that are not training settings: --resume may change them, run.json does not replay them.
-_SIGMA_FLAGS = {"ema_momentum": "momentum"}
 
 
 def _flag_kwargs(f) -> dict:
@@ -82,9 +80,9 @@ def _overrides(args: argparse.Namespace) -> dict:
     """Training settings given on the command line, over those of --config."""
     from dataclasses import fields
 
-    from .config import TrainConfig
+    from .config import SIGMA_OVERRIDES, TrainConfig
 
-    names = [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS] + list(_SIGMA_FLAGS)
+    names = [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS] + list(SIGMA_OVERRIDES)
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
@@ -96,7 +94,7 @@ def _read_config(args: argparse.Namespace, command: str) -> None:
     command its model / data / preset where the command line does not name them."""
     from dataclasses import fields
 
-    from .config import TrainConfig
+    from .config import SIGMA_OVERRIDES, TrainConfig
 
     args.config_overrides = {}
     if args.config is None:
@@ -118,7 +116,7 @@ def _read_config(args: argparse.Namespace, command: str) -> None:
         if command == "remove" and loaded.get("mode") == "control":
             args.control = True
     else:
-        unknown = sorted(set(loaded) - names - set(_SIGMA_FLAGS))
+        unknown = sorted(set(loaded) - names - set(SIGMA_OVERRIDES))
         if unknown:
             raise ValueError(f"--config {args.config}: unknown setting {unknown[0]!r}; see `lnfree {command} --help`")
         settings = dict(loaded)
@@ -189,7 +187,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .config import TrainConfig
+    from .config import SIGMA_OVERRIDES, TrainConfig
     from .models.io import FAMILIES
     from .runs import run_pretrain
     from .tokenizer import load_tokenizer
@@ -197,7 +195,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     _read_config(args, "pretrain")
     _require_data(args)
     overrides = _overrides(args)
-    if set(overrides) & set(_SIGMA_FLAGS):
+    if set(overrides) & set(SIGMA_OVERRIDES):
         raise ValueError("--ema-momentum applies to removal runs, not pretraining")
     tok = load_tokenizer(args.tokenizer)
     cfg = replace(TrainConfig(**PRETRAIN_DEFAULTS), **overrides)

@@ -17,6 +17,8 @@ def _opt(default, help: str, **kw):
 # the optimizer does.
 RESUME_SAFE = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_tokens", "device")
 DTYPES = ("auto", "fp32", "bf16")
+# σ̂-rule settings a command line may override (flag name -> SigmaRule field); the rest comes from the preset.
+SIGMA_OVERRIDES = {"ema_momentum": "momentum"}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import rundir
-from .config import RESUME_SAFE, TrainConfig
+from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig
 from .data import DataSourceError, SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
@@ -52,9 +52,8 @@ def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict) -> 
     if stretch != 1:
         cfg = replace(cfg, warmup_steps=round(cfg.warmup_steps * stretch),
                       decay_steps=None if cfg.decay_steps is None else round(cfg.decay_steps * stretch))
-    sigma_fields = {"ema_momentum": "momentum"}
-    sigma = replace(recipe.sigma, **{sigma_fields[k]: v for k, v in overrides.items() if k in sigma_fields})
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if k not in sigma_fields})
+    sigma = replace(recipe.sigma, **{SIGMA_OVERRIDES[k]: v for k, v in overrides.items() if k in SIGMA_OVERRIDES})
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if k not in SIGMA_OVERRIDES})
     return RemovalPlan(replace(cfg, steps=schedule.total_steps), sigma, schedule, recipe.name)
 
 
