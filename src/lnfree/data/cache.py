@@ -395,10 +395,10 @@ def _sampled_cache(resolved: _Source, tokenizer: Any, source: str, split: str, c
             else:
                 (folder / MANIFEST_FILE).unlink(missing_ok=True)
                 sample.write_manifest(folder, manifest)
-    if manifest is None:
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
-    return TokenCache.open(folder, tokenizer)
+        if manifest is not None:  # opened under the lock: another run may be appending to tokens.bin later
+            return TokenCache.open(folder, tokenizer)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def _document_tokenizer(tokenizer: Any, resolved: _Source) -> _DocumentTokenizer:
