@@ -36,6 +36,15 @@ _ALIASES = {"warmup_steps": ["--warmup"]}
 _NOT_FLAGS = {"control"}
 
 
+def _setting_names() -> list[str]:
+    """TrainConfig fields that are command-line flags (and --config keys)."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+
+    return [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS]
+
+
 def _flag_kwargs(f) -> dict:
     kind = str(f.type)
     if kind == "bool":
@@ -78,11 +87,9 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Training settings given on the command line, over those of --config."""
-    from dataclasses import fields
+    from .config import SIGMA_OVERRIDES
 
-    from .config import SIGMA_OVERRIDES, TrainConfig
-
-    names = [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS] + list(SIGMA_OVERRIDES)
+    names = _setting_names() + list(SIGMA_OVERRIDES)
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if "betas" in given:
         given["betas"] = tuple(given["betas"])
@@ -92,9 +99,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _read_config(args: argparse.Namespace, command: str) -> None:
     """Fold --config into args: training settings into args.config_overrides, and from a run.json of the same
     command its model / data / preset where the command line does not name them."""
-    from dataclasses import fields
-
-    from .config import SIGMA_OVERRIDES, TrainConfig
+    from .config import SIGMA_OVERRIDES
 
     args.config_overrides = {}
     if args.config is None:
@@ -105,7 +110,7 @@ def _read_config(args: argparse.Namespace, command: str) -> None:
         raise ValueError(f"--config {args.config}: not a readable JSON file ({e})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {args.config}: expected a JSON object of settings")
-    names = {f.name for f in fields(TrainConfig)} - _NOT_FLAGS
+    names = set(_setting_names())
     if "train" in loaded:  # a run.json: replay that run
         settings = {k: v for k, v in loaded["train"].items() if k in names}
         if "sigma" in loaded:

@@ -84,9 +84,8 @@ def check_reporters(names: tuple[str, ...] | list[str]) -> None:
     for name in names:
         if name not in REPORTERS:
             raise ValueError(f"unknown --report-to {name!r}; choose from {', '.join(REPORTERS)}")
-        package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
-        if package and importlib.util.find_spec(package) is None:
-            raise ValueError(f"--report-to {name} needs the {package} package: pip install {package} (or "
+        if name != "none" and importlib.util.find_spec(name) is None:  # each reporter is its package's name
+            raise ValueError(f"--report-to {name} needs the {name} package: pip install {name} (or "
                              "pip install 'lnfree[track]')")
 
 

@@ -109,25 +109,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _uses_bf16(cfg, device) else contextlib.nullcontext()
 
 
-@torch.no_grad()
 def validation_loss(model: LNModel, batches: list[Tensor], cfg: TrainConfig, device: torch.device) -> float:
-    """Mean next-token CE over `batches` (every prediction weighs the same), in eval mode: no dropout, and σ̂
+    """Mean next-token CE over `batches` — `lnfree eval`'s own computation, in eval mode: no dropout, and σ̂
     neither measured nor moved, so validating never changes the run."""
-    model.eval()
-    total, count = 0.0, 0
-    for idx in batches:
-        idx = idx.to(device)
-        with _autocast(cfg, device):
-            logits = model(idx)
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="sum").item()
-        count += idx[:, 1:].numel()
-    model.train()
-    return total / count
+    from .evaluate import evaluate_ce
+
+    dtype = "bf16" if _uses_bf16(cfg, device) else "fp32"
+    return evaluate_ce(model, batches, dtype=dtype, progress=False).mean
 
 
 def sigma_record(model: LNModel) -> dict[str, float | list[float]]:

@@ -586,11 +586,15 @@ VERIFY_HASH_BYTES = 64 * 2**20
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hash_into(hashlib.sha256(), f).hexdigest()
+
+
+def hash_into(digest: Any, handle: BinaryIO) -> Any:
+    """Feed the rest of an open file to `digest` in 4 MiB blocks; returns the digest."""
+    for block in iter(lambda: handle.read(2**22), b""):
+        digest.update(block)
+    return digest
 
 
 def _open_tokens(folder: Path, manifest: dict[str, Any]) -> np.memmap:

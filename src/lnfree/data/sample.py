@@ -112,7 +112,7 @@ def build_or_extend(resolved: _Source, doc_tokenizer: Any, source: str, split: s
                     seed: int, manifest: dict | None, base_manifest: dict, num_proc: int, progress: bool) -> dict:
     """Grow the sampled cache in `folder` (holding `manifest`, or nothing) until it covers `need` tokens or the
     split is exhausted; returns the new manifest (written last, atomically, by the caller)."""
-    from .cache import _run_tasks
+    from .cache import _run_tasks, hash_into
 
     index = DocumentIndex(resolved, split, num_proc)
     if manifest is not None and manifest["sample"]["n_units"] != len(index):
@@ -135,8 +135,7 @@ def build_or_extend(resolved: _Source, doc_tokenizer: Any, source: str, split: s
     with contextlib.closing(chunks), bar, open(path, mode) as out:
         if have:  # the tokens already there stay as they are: hash them, then append after them
             out.truncate(have * itemsize)
-            for block in iter(lambda: out.read(2**22), b""):
-                digest.update(block)
+            hash_into(digest, out)
         for _, pieces in chunks:
             for piece in pieces:
                 units += 1
