@@ -127,8 +127,15 @@ def validation_loss(model: LNModel, batches: list[Tensor], cfg: TrainConfig, dev
 
 
 def sigma_record(model: LNModel) -> dict[str, float | list[float]]:
-    """σ̂ of every site (a per-head site: one per head), as metrics.jsonl stores it."""
-    return {name: site.sigma.tolist() for name, site in model.norm_sites().items()}
+    """σ̂ of every site (a per-head site: one per head), as metrics.jsonl stores it; one device transfer."""
+    sites = model.norm_sites()
+    values = torch.cat([site.sigma.detach().reshape(-1).float() for site in sites.values()]).tolist()
+    out, i = {}, 0
+    for name, site in sites.items():
+        n = site.sigma.numel()
+        out[name] = values[i] if site.sigma.dim() == 0 else values[i : i + n]
+        i += n
+    return out
 
 
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
@@ -226,8 +233,10 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                 record["events"] = newly_frozen
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            for reporter in reporters:
-                reporter.log(step, scalars(record))
+            if reporters:
+                values = scalars(record)
+                for reporter in reporters:
+                    reporter.log(step, values)
             shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_step / dt:,.0f}",
                      "frozen": f"{frozen}/{n_sites}"}
             if "val_loss" in record:
