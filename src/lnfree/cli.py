@@ -147,7 +147,8 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
     from .config import TrainConfig  # noqa: F401  (light: no torch)
     from .recipes import PRESETS, get_recipe
 
-    p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)")
+    p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)",
+                       usage="lnfree remove MODEL --data SOURCE --out DIR [options]   (every option: --help)")
     p.add_argument("model", nargs="?", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run "
                    "folder")
     p.add_argument("--preset", choices=sorted(PRESETS), help="removal preset (default baroni2025, by depth); see "
@@ -181,7 +182,9 @@ PRETRAIN_DEFAULTS = dict(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256,
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     from .config import TrainConfig
 
-    p = sub.add_parser("pretrain", help="train a small model (with its norms) from scratch")
+    p = sub.add_parser("pretrain", help="train a small model (with its norms) from scratch",
+                       usage="lnfree pretrain --tokenizer DIR --data SOURCE --out DIR [options]   "
+                             "(every option: --help)")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer folder (AutoTokenizer)")
     _add_train_options(p, TrainConfig(**PRETRAIN_DEFAULTS), "pretraining's, in brackets")
     p.add_argument("--layers", type=int, default=6)
