@@ -371,7 +371,57 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS += [_add_export, _add_verify, _add_plot]
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="an LN-free model against its original: outputs, per-component mechanisms, "
+                       "activation patching; report.md + report.json + figures",
+                       usage="lnfree compare ORIGINAL LNFREE [--vanilla V] --data SOURCE --out DIR [options]")
+    p.add_argument("original", help="the original model (folder, run folder or hub id)")
+    p.add_argument("lnfree", help="the LN-free model (a finished run, folded or eps=1e12 model)")
+    p.add_argument("--vanilla", help="the vanilla fine-tuned control, compared too")
+    p.add_argument("--data", required=True, help="evaluation data: owt-val, pile, pile-filtered, stdlib-val or a PATH")
+    p.add_argument("--out", required=True, type=Path, help="report folder (report.md, report.json, figures)")
+    p.add_argument("--prompts", help="comma list of prompt sets for patching: ioi-gpt2, stdlib-copy or JSONL paths "
+                   "(default: every packaged set the tokenizer reads)")
+    p.add_argument("--tokens", type=int, default=16384, help="compare on the first N tokens of --data [16384]")
+    p.add_argument("--ctx", type=int, help="sequence length (default min(1024, the models' context))")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch [4]")
+    p.add_argument("--top-neurons", type=int, default=20, help="neurons listed as changed most [20]")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the models' own)")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_compare)
+
+
+def _compare_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this comparison (its options that differ from their defaults)."""
+    import shlex
+
+    words = ["lnfree", "compare", args.original, args.lnfree]
+    defaults = {"tokens": 16384, "batch_size": 4, "top_neurons": 20, "quiet": False}
+    for key in ("vanilla", "data", "out", "prompts", "tokens", "ctx", "batch_size", "top_neurons", "tokenizer",
+                "device", "cache_dir"):
+        value = getattr(args, key)
+        if value is not None and value != defaults.get(key):
+            words += ["--" + key.replace("_", "-"), str(value)]
+    return shlex.join(words)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .compare_report import headline
+
+    prompts = [x.strip() for x in args.prompts.split(",") if x.strip()] if args.prompts else None
+    result = run_compare(args.original, args.lnfree, args.data, vanilla=args.vanilla, out=args.out, prompts=prompts,
+                         ctx=args.ctx, max_tokens=args.tokens, batch_size=args.batch_size, device=args.device,
+                         tokenizer=args.tokenizer, top_neurons=args.top_neurons, cache_root=args.cache_dir,
+                         progress=not args.quiet, command=_compare_command(args))
+    print("\n".join(headline(result)))
+    print(f"wrote {args.out / 'report.md'}")
+    return 0
+
+
+COMMANDS += [_add_export, _add_verify, _add_plot, _add_compare]
 
 
 def _version() -> str:

@@ -172,6 +172,12 @@ class GPT2(LNModel):
             return self.lm_head.weight, self.lm_head.bias, None
         return self.wte.weight, None, self.ln_f
 
+    def output_projections(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """Per block, (attention output projection, MLP output projection): the first reads z (B, T, H·dh), the
+        second the neuron activations (TransformerLens' `mlp.hook_post`). Where `lnfree compare` hooks to patch
+        heads and read neurons."""
+        return [(b.attn.c_proj, b.mlp.c_proj) for b in self.h]
+
     def architecture_rows(self) -> list[tuple[str, object]]:
         cfg = self.config
         return [("family", "GPT-2"), ("layers", cfg.n_layer), ("d_model", cfg.n_embd), ("heads", cfg.n_head),

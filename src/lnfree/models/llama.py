@@ -196,6 +196,12 @@ class Llama(LNModel):
     def unembedding(self) -> tuple[Tensor, Tensor | None, RemovableLayerNorm | None]:
         return self._head(), None, self.norm
 
+    def output_projections(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """Per block, (attention output projection, MLP output projection): the first reads z (B, T, H·dh), the
+        second the neuron activations (TransformerLens' `mlp.hook_post`). Where `lnfree compare` hooks to patch
+        heads and read neurons."""
+        return [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in self.layers]
+
     def architecture_rows(self) -> list[tuple[str, object]]:
         c = self.config
         return [("family", c.architecture.removesuffix("ForCausalLM")), ("layers", c.num_hidden_layers),

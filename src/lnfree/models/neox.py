@@ -192,6 +192,12 @@ class NeoX(LNModel):
     def unembedding(self) -> tuple[Tensor, Tensor | None, RemovableLayerNorm | None]:
         return self.lm_head.weight, self.lm_head.bias, self.final_layer_norm
 
+    def output_projections(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """Per block, (attention output projection, MLP output projection): the first reads z (B, T, H·dh), the
+        second the neuron activations (TransformerLens' `mlp.hook_post`). Where `lnfree compare` hooks to patch
+        heads and read neurons."""
+        return [(layer.attention.dense, layer.mlp.dense_4h_to_h) for layer in self.layers]
+
     def architecture_rows(self) -> list[tuple[str, object]]:
         c = self.config
         return [("family", "GPT-NeoX"), ("layers", c.num_hidden_layers), ("d_model", c.hidden_size),
