@@ -108,13 +108,13 @@ def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_gre
     assert run(tmp_path / "ref") == 0
     (cache,) = [p for p in (tmp_path / "cache").iterdir() if "sample" in p.name]
     manifest = json.loads((cache / "manifest.json").read_text())
-    need = 12 * 4 * 32 + 4 * 2 * 32  # steps × batch tokens + calibration
+    need = 12 * 4 * 32  # steps × batch tokens (calibration re-reads them)
     assert need <= manifest["token_count"] and manifest["sample"]["units_read"] < manifest["sample"]["n_units"]
     # a run killed after its step-6 checkpoint ...
     real_save = lnfree.train.save_checkpoint
 
-    def save_then_die(run_dir, model, optimizer, state, keep):
-        path = real_save(run_dir, model, optimizer, state, keep=keep)
+    def save_then_die(run_dir, model, optimizer, state, keep, world):
+        path = real_save(run_dir, model, optimizer, state, keep=keep, world=world)
         if state.step == 6:
             raise KeyboardInterrupt
         return path

@@ -25,16 +25,16 @@ RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2
 
 # A preset whose 12 steps keep sites live, freezes pending and specials weighted past the kill point (step 7;
 # the resume starts from the checkpoint at 6), with every kind of state a resume must restore: per-call EMA with
-# shared ln_1 σ̂, position-0 and EOT specials eased out, dropout, the auxiliary loss.
+# shared ln_1 σ̂ ($LNFREE_TEST_EMA=step: per step), position-0 and EOT specials eased out, dropout, the auxiliary loss.
 _LIVE_PRESET = """
-import sys
+import os, sys
 from lnfree import recipes
 from lnfree.config import Recipe, TrainConfig
 from lnfree.method.schedule import SITE_KINDS, RemovalSpec
 from lnfree.method.sigma import SigmaRule
 spec = RemovalSpec(start=3, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 1}, eot_after=1, bos_after=1, tail=1,
                    eot_kinds=SITE_KINDS, bos_kinds=SITE_KINDS, eot_ramp=1, bos_ramp=2)
-rule = SigmaRule(ema="call", momentum=0.5, v_reads=2, tracking="norm")
+rule = SigmaRule(ema=os.environ.get("LNFREE_TEST_EMA", "call"), momentum=0.5, v_reads=2, tracking="norm")
 recipes.PRESETS["live"] = lambda n: Recipe("live", spec, TrainConfig(steps=12, dropout=0.1, aux_weight=0.1), rule)
 from lnfree.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,11 +29,15 @@ class RecordingSampler:
     def __init__(self, seed: int = 0):
         self.i, self.seed, self.drawn = 0, seed, []
 
-    def next_batch(self, n: int) -> torch.Tensor:
-        idx = random_tokens(batch=n, seq=CTX, seed=self.seed * 1000 + self.i, eot_every=5)
+    def next_indices(self, n: int) -> np.ndarray:
+        return np.arange(n)
+
+    def gather(self, indices: np.ndarray) -> torch.Tensor:
+        """A fresh batch of len(indices) sequences per call; kept as its micro-batches (of MICRO sequences)."""
+        idx = random_tokens(batch=len(indices), seq=CTX, seed=self.seed * 1000 + self.i, eot_every=5)
         idx[0, 0] = EOT
         self.i += 1
-        self.drawn.append(idx)
+        self.drawn.extend(idx.split(MICRO))
         return idx
 
     def state_dict(self) -> dict:

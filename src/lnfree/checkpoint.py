@@ -1,13 +1,18 @@
-"""Run checkpoints: atomic, safe to load, and complete enough that a resumed run repeats the same losses.
+"""Run checkpoints: atomic, safe to load, and complete enough that a resumed run repeats the same losses — at any
+world size.
 
-Layout of one checkpoint, `RUN/checkpoints/step_00000050/`:
-    model.safetensors      the model's own state dict, σ̂ buffers and site states included
-    optimizer.safetensors  AdamW moments and step counts, keyed "<param index>.<name>"
-    rng.safetensors        torch (and CUDA) generator states
+Layout of one checkpoint, `RUN/checkpoints/step_00000050/`, in one of two forms:
+    model.safetensors      the whole model's state dict (σ̂ buffers and site states included)   one process, DDP
+    optimizer.safetensors  the whole AdamW state, keyed "<parameter name>.<moment>"              (rank 0 writes)
+  or
+    dcp/                   model and optimizer as `torch.distributed.checkpoint` shards           FSDP2 (every rank)
+and in both
     state.json             step, train config, schedule, data cursor, model config, loss history
-Nothing is unpickled on load. A checkpoint is written into a hidden temp folder and renamed into place, so a
-kill at any moment leaves either the old set or the old set plus one complete new checkpoint; only then are
-checkpoints beyond the newest `keep` removed.
+Parameters are named by their fully qualified names (`torch.distributed.checkpoint.state_dict`), so either form
+loads into a plain, a DDP or an FSDP2 model at any world size. No generator state is kept: dropout masks are
+seeded per micro-batch (lnfree.distributed.micro_seed). Nothing is unpickled on load. A checkpoint is written
+into a hidden temp folder and renamed into place, so a kill at any moment leaves either the old set or the old
+set plus one complete new checkpoint; only then are checkpoints beyond the newest `keep` removed.
 """
 
 from __future__ import annotations
@@ -17,12 +22,23 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from .distributed import SINGLE, World
 from .models.base import LNModel
 from .models.io import FAMILIES
 
@@ -59,56 +75,66 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_latest_readable(run_dir: Path, model: LNModel, optimizer: torch.optim.Optimizer) -> tuple[Path, RunState]:
+def load_latest_readable(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         world: World = SINGLE) -> tuple[Path, RunState]:
     """Restore the newest checkpoint that reads back whole; an unreadable one (a truncated file, a disk error)
-    is skipped with a warning, so a corrupt newest checkpoint falls back to the one before."""
+    is skipped with a warning, so a corrupt newest checkpoint falls back to the one before. The ranks of a
+    distributed run agree on the checkpoint they take."""
     found = checkpoints(run_dir)
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start")
     for path in reversed(found):
         try:
-            _, state = load_checkpoint(path, model, optimizer)
-            return path, state
+            state = restore(path, model, optimizer, world)
+            ok = True
         except Exception as e:  # noqa: BLE001 - safetensors, json and shape errors all mean "unreadable"
-            print(f"lnfree: warning: checkpoint {path} is unreadable ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); trying the one before", file=sys.stderr)
+            ok = False
+            if world.is_main:
+                print(f"lnfree: warning: checkpoint {path} is unreadable ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); trying the one before", file=sys.stderr)
+        if world.all_true(ok):
+            return path, state
     raise ValueError(f"--resume: no readable checkpoint in {checkpoint_dir(run_dir)}; start the run again with "
                      "--overwrite")
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
-    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous() for idx, state in sd["state"].items()
-               for name, value in state.items() if torch.is_tensor(value)}
-    return tensors, {"param_groups": sd["param_groups"]}
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return out
-
-
-def save_checkpoint(run_dir: Path, model: LNModel, optimizer: torch.optim.Optimizer, state: RunState,
-                    keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+                    keep: int = 2, world: World = SINGLE) -> Path:
+    """Write one checkpoint (a collective call in a distributed run: every rank calls it)."""
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{_PREFIX}{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    sharded = world.fsdp and world.active
+    if not (sharded or world.is_main):
+        return target  # DDP: the replicas are equal, rank 0 writes the whole state
+    tmp = None
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  tmp / "model.safetensors")
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(_rng_tensors(), tmp / "rng.safetensors")
-        payload = {**state.__dict__, "optimizer": opt_meta}
+        if world.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+        if sharded:
+            tmp = Path(world.broadcast(str(tmp)))
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=tmp / "dcp")
+            world.barrier()
+            if not world.is_main:
+                return target
+        else:
+            save_file({k: v.contiguous() for k, v in get_model_state_dict(model, options=_FULL).items()},
+                      tmp / "model.safetensors")
+            osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+            save_file({f"{name}.{key}": v.contiguous() for name, st in osd["state"].items()
+                       for key, v in st.items()}, tmp / "optimizer.safetensors")
+        payload = {**state.__dict__, "optimizer": {"param_groups": _param_groups(model, optimizer)}}
         (tmp / "state.json").write_text(json.dumps(payload, indent=1))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None and world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise OSError(f"could not write checkpoint {target} ({e.strerror or e}); "
                           "the previous checkpoint is intact — free disk space or fix permissions") from None
@@ -118,27 +144,63 @@ def save_checkpoint(run_dir: Path, model: LNModel, optimizer: torch.optim.Optimi
     return target
 
 
-def load_checkpoint(path: Path, model: LNModel | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> tuple[LNModel, RunState]:
-    """Restore weights (building the model from its config if none is given), optimizer and RNG state."""
+def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's hyper-parameters per group, parameters by name (what `set_optimizer_state_dict` reads)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups]
+
+
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+            world: World = SINGLE) -> RunState:
+    """Load a checkpoint's weights (and optimizer state) into `model` — plain, DDP or FSDP2 — whatever world size
+    wrote it; returns its RunState."""
     path = Path(path)
     payload = json.loads((path / "state.json").read_text())
-    opt_meta = payload.pop("optimizer")
-    state = RunState(**payload)
-    if model is None:
-        model = FAMILIES[state.family].build(state.model_config)
-    model.load_state_dict(load_file(path / "model.safetensors"))
+    groups = payload.pop("optimizer")["param_groups"]
+    state = RunState(**{k: v for k, v in payload.items() if k in RunState.__dataclass_fields__})
+    if (path / "dcp").is_dir():
+        sd = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            sd["optim"] = get_optimizer_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # one process reading shards: DCP says it assumes so; it is so
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(sd, checkpoint_id=path / "dcp", no_dist=not world.active)
+        set_model_state_dict(model, sd["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, sd["optim"])
+        return state
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(path / "model.safetensors"), options=full)
     if optimizer is not None:
-        tensors = load_file(path / "optimizer.safetensors")
-        per_param: dict[int, dict] = {}
-        for key, value in tensors.items():
-            idx, name = key.split(".", 1)
-            per_param.setdefault(int(idx), {})[name] = value
-        optimizer.load_state_dict({"state": per_param, "param_groups": opt_meta["param_groups"]})
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    return model, state
+        per_param: dict[str, dict] = {}
+        for key, value in load_file(path / "optimizer.safetensors").items():
+            name, moment = key.rsplit(".", 1)
+            per_param.setdefault(name, {})[moment] = value
+        set_optimizer_state_dict(model, optimizer, {"state": per_param, "param_groups": groups}, options=full)
+    return state
+
+
+def load_checkpoint(path: Path, model: LNModel | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[LNModel, RunState]:
+    """Restore weights (building the model from its config if none is given) and optimizer state, in one
+    process."""
+    path = Path(path)
+    if model is None:
+        payload = json.loads((path / "state.json").read_text())
+        model = FAMILIES[payload["family"]].build(payload["model_config"])
+    return model, restore(path, model, optimizer)
+
+
+def whole_model(model: LNModel, world: World = SINGLE) -> LNModel | None:
+    """The trained model as one ordinary module on rank 0 — gathered from the shards under FSDP2 (every rank
+    calls this) —; None on the other ranks."""
+    if not (world.fsdp and world.active):
+        return model if world.is_main else None
+    sd = get_model_state_dict(model, options=_FULL)
+    if not world.is_main:
+        return None
+    family = FAMILIES[model.family]
+    whole = family.build(family.config_dict(model))
+    whole.load_state_dict(sd)
+    return whole

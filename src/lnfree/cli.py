@@ -170,8 +170,9 @@ def _run_remove(args: argparse.Namespace) -> int:
                          control=args.control, resume=args.resume, overwrite=args.overwrite,
                          cache_root=args.cache_dir, progress=not args.quiet, show_plan=True,
                          eval_data=args.eval_data, report_to=_report_to(args))
-    print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
-          f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
+    if result.model is not None:  # rank 0
+        print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}, "
+              f"{result.tokens / max(result.wall_seconds, 1e-9):,.0f} tokens/s; model in {args.out / 'final'}")
     return 0
 
 
@@ -214,7 +215,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
                           overwrite=args.overwrite, cache_root=args.cache_dir, progress=not args.quiet,
                           eval_data=args.eval_data, report_to=_report_to(args))
-    print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
+    if result.model is not None:  # rank 0
+        print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
     return 0
 
 
@@ -450,21 +452,37 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from .data import DataSourceError
+    from .distributed import PeerFailed, PeerLost
     from .train import TrainingDiverged
 
     try:
         return args.func(args) or 0
     except SafetensorError as e:  # a truncated or foreign .safetensors file
-        print(f"lnfree: error: a weights file is unreadable ({str(e).splitlines()[0] if str(e) else 'corrupt'}); "
-              "it may be truncated — restore it, or resume from an earlier checkpoint", file=sys.stderr)
+        _error(f"a weights file is unreadable ({str(e).splitlines()[0] if str(e) else 'corrupt'}); it may be "
+               "truncated — restore it, or resume from an earlier checkpoint")
+        return 2
+    except PeerLost as e:  # names the rank that stopped answering: every rank that saw it says so
+        _error(str(e), every_rank=True)
+        return 2
+    except PeerFailed:  # rank 0 stopped and said why
         return 2
     except (ValueError, FileNotFoundError, OSError, DataSourceError, TrainingDiverged) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lnfree: error: {msg}", file=sys.stderr)
+        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
     except KeyboardInterrupt:
         print("lnfree: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(msg: str, every_rank: bool = False) -> None:
+    """One line on stderr — under torchrun from rank 0 only (the ranks meet the same bad input), unless the error is
+    this rank's own."""
+    from .distributed import current
+
+    world = current()
+    if world.is_main or every_rank:
+        print(f"lnfree: error: {msg}" if world.is_main else f"lnfree: error: rank {world.rank}: {msg}",
+              file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def _opt(default, help: str, **kw):
 
 # Fields a `--resume` may change: they decide where and how often things are written or measured, never what
 # the optimizer does.
-RESUME_SAFE = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_tokens", "device")
+RESUME_SAFE = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_tokens", "device", "fsdp", "dist_timeout")
 DTYPES = ("auto", "fp32", "bf16")
 # σ̂-rule settings a command line may override (flag name -> SigmaRule field); the rest comes from the preset.
 SIGMA_OVERRIDES = {"ema_momentum": "momentum"}
@@ -50,7 +50,11 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     activation_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory)")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
-    device: str = _opt("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    device: str = _opt("auto", "auto (cuda when available; under torchrun each rank's own card), cpu, cuda or cuda:N")
+    fsdp: bool = _opt(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 (per "
+                             "block) instead of replicating the model with DDP")
+    dist_timeout: float = _opt(600.0, "under torchrun: seconds a rank waits for the others before the run stops "
+                                      "with a message naming the rank that did not answer")
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (and at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept on disk (oldest deleted first)")
     spike_factor: float = _opt(10.0, "stop when a step's loss exceeds this multiple of the running median (or "

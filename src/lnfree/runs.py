@@ -6,11 +6,13 @@ final/ — a `transformers` checkpoint (LN-free runs: folded, no normalization) 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import rundir
+from . import distributed, rundir
 from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig
 from .data import DataSourceError, SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
@@ -64,13 +66,15 @@ def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
 
 
 def token_need(cfg: TrainConfig) -> int:
-    """Tokens a run reads: every step's batch plus the calibration batches (or --max-train-tokens)."""
+    """Tokens a run reads (or --max-train-tokens): every step's batch — calibration draws from the same sequences,
+    so only a calibration longer than the run adds any. Neither the micro-batch size nor the world size changes
+    it: they change how a step is computed, never which data it reads."""
     if cfg.max_train_tokens is not None:
         if cfg.max_train_tokens < cfg.ctx * cfg.micro_batch:
             raise ValueError(f"--max-train-tokens {cfg.max_train_tokens} is less than one micro-batch "
                              f"({cfg.micro_batch} × {cfg.ctx} tokens)")
         return cfg.max_train_tokens
-    return cfg.steps * cfg.batch_tokens + cfg.calibration_batches * cfg.micro_batch * cfg.ctx
+    return max(cfg.steps * cfg.batch_tokens, cfg.calibration_batches * cfg.micro_batch * cfg.ctx)
 
 
 def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool,
@@ -123,17 +127,45 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str | No
     """Fine-tune `model_source` on `data`, removing every LN by `preset` (default baroni2025), or keeping them
     (control). `out_dir` holds one run (see lnfree.rundir): new and empty, `resume`d, or cleared with
     `overwrite`. `show_plan` prints the preset's settings and timeline first. With `eval_every` set, validation
-    CE is measured on `eval_data`'s val split (default: `data`'s); `report_to` adds TensorBoard / W&B."""
+    CE is measured on `eval_data`'s val split (default: `data`'s); `report_to` adds TensorBoard / W&B. Under
+    torchrun every rank calls this and they make one run (lnfree.distributed)."""
     out_dir = Path(out_dir)
-    rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
-    with rundir.locked(out_dir):
-        rundir.remove_stale_temps(out_dir)
+    world = _join_world(overrides or {})
+    with _run_folder(out_dir, resume, overwrite, world):
         return _run_removal(model_source, data, out_dir, preset, overrides or {}, control, resume, cache_root,
-                            progress, show_plan, eval_data, tuple(report_to))
+                            progress and world.is_main, show_plan and world.is_main, eval_data, tuple(report_to),
+                            world)
+
+
+def _join_world(overrides: dict) -> distributed.World:
+    """The process group of a torchrun launch (nothing in one process), joined before anything is read or written."""
+    defaults = TrainConfig()
+    get = lambda name: overrides.get(name) if overrides.get(name) is not None else getattr(defaults, name)
+    world, _ = distributed.init(get("device"), fsdp=get("fsdp"), timeout_s=get("dist_timeout"))
+    return world
+
+
+@contextlib.contextmanager
+def _run_folder(out_dir: Path, resume: bool, overwrite: bool, world: distributed.World) -> Iterator[None]:
+    """Rank 0 checks, clears (when asked) and locks the run folder; the other ranks learn its verdict."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if world.is_main:
+            try:
+                rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
+                stack.enter_context(rundir.locked(out_dir))
+                rundir.remove_stale_temps(out_dir)
+            except Exception as e:  # noqa: BLE001 - re-raised here, reported to the other ranks
+                error = e
+        if world.broadcast(error is not None):
+            if error is not None:
+                raise error
+            raise distributed.PeerFailed("rank 0 refused the run folder")
+        yield
 
 
 def _run_removal(model_source, data, out_dir, preset, overrides, control, resume, cache_root, progress,
-                 show_plan, eval_data, report_to) -> RunResult:
+                 show_plan, eval_data, report_to, world) -> RunResult:
     model, where = load_source(model_source)
     model_dir = where.model_dir
     if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
@@ -160,11 +192,12 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         print(schedule.format_timeline(), flush=True)
     if cfg.ctx > model.context_length:
         raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.context_length} tokens")
-    cache, window = _token_stream(data, tokenizer, cfg, cache_root, progress)
+    with world.local_main_first():  # one rank per node tokenizes; the others open what it wrote
+        cache, window = _token_stream(data, tokenizer, cfg, cache_root, progress)
+        val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed, window=window)
     calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET, window=window)
     calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
-    val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     extra = {"model": str(model_source), "data": data, "preset": plan.preset,
              "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest,
              "data_window_sequences": window}
@@ -172,9 +205,10 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         extra["eval_data"] = eval_data or data
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
                    resume=resume, mode=mode, extra=extra, progress=progress, val_batches=val, report_to=report_to)
-    final = result.model.fold() if not control else result.model
-    save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
-    plot_with_siblings(out_dir)
+    if world.is_main:
+        final = result.model.fold() if not control else result.model
+        save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
+        plot_with_siblings(out_dir)
     return result
 
 
@@ -184,24 +218,25 @@ def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, 
     """Train `model` from its initialisation with every LN live (the offline analog's pretraining); `out_dir`
     holds one run, as for `run_removal`."""
     out_dir = Path(out_dir)
-    rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
-    with rundir.locked(out_dir):
-        rundir.remove_stale_temps(out_dir)
-        return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress, eval_data,
-                             tuple(report_to))
+    world = _join_world(cfg.to_dict())
+    with _run_folder(out_dir, resume, overwrite, world):
+        return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress and world.is_main,
+                             eval_data, tuple(report_to), world)
 
 
 def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress, eval_data,
-                  report_to) -> RunResult:
+                  report_to, world) -> RunResult:
     tokenizer = load_tokenizer(tokenizer_dir)
     _check_vocab(model, tokenizer, str(tokenizer_dir))
-    cache, _ = _token_stream(data, tokenizer, cfg, cache_root, progress, sample=False)  # pretraining: every token
+    with world.local_main_first():
+        cache, _ = _token_stream(data, tokenizer, cfg, cache_root, progress, sample=False)  # pretraining: every token
+        val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
              "data_manifest": cache.manifest}
-    val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
     result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),
                    out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress, val_batches=val,
                    report_to=report_to)
-    save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
-    plot_with_siblings(out_dir)
+    if world.is_main:
+        save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
+        plot_with_siblings(out_dir)
     return result

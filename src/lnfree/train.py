@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import RunState, load_latest_readable, save_checkpoint
+from . import distributed
+from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import DTYPES, TrainConfig
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
@@ -36,7 +38,8 @@ from .tracking import StepProgress, check_reporters, open_reporters, scalars
 
 
 class Sampler(Protocol):
-    def next_batch(self, n: int) -> Tensor: ...  # (n, ctx) token ids
+    def next_indices(self, n: int) -> np.ndarray: ...  # the next n sequences (advances the cursor)
+    def gather(self, indices: np.ndarray) -> Tensor: ...  # (len(indices), ctx) token ids
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -51,7 +54,7 @@ class RunResult:
     final_loss: float
     tokens: int
     wall_seconds: float
-    model: LNModel
+    model: LNModel | None  # the trained model as one ordinary module; None on ranks other than 0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,21 +97,6 @@ def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": cuda when available, else cpu; or any torch device string, checked to exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
 def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
@@ -146,114 +134,148 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
 
     mode: "lnfree" (the schedule removes LNs; σ̂ measured and followed by `sigma`), "control" (same run, every
     LN kept, no statistics), "pretrain" (from scratch). `val_batches` are scored every `cfg.eval_every` steps;
-    `report_to` names reporters (tensorboard, wandb) that receive every metrics record.
+    `report_to` names reporters (tensorboard, wandb) that receive every metrics record. Under torchrun every
+    rank calls this (lnfree.distributed); rank 0 writes the run's files and gets the trained model back.
     """
     sigma = sigma or SigmaRule()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
     if cfg.eval_every and not val_batches:
         raise ValueError("--eval-every needs validation data; pass val batches (the run's val split)")
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.dist_timeout)
     check_reporters(report_to)
     seqs_per_step = cfg.sequences_per_step()
-    n_micro = seqs_per_step // cfg.micro_batch
-    model.to(device).train()
+    n_micro = distributed.check_batch_layout(seqs_per_step, cfg.micro_batch, world)  # on this rank
+    main = world.is_main
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model.train()
     model.gradient_checkpointing = cfg.activation_checkpointing
+    wrapped = distributed.wrap(model, world, device, cfg.compile)  # FSDP2 shards `model` in place
     optimizer = make_optimizer(model, cfg, device)
     history: list[float] = []
     start = 0
     ckpt = None
     if resume:
-        ckpt, state = load_latest_readable(run_dir, model, optimizer)
+        ckpt, state = load_latest_readable(run_dir, model, optimizer, world)
         sampler.load_state_dict(state.data)
         start, history = state.step, list(state.history)
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
-        (run_dir / "metrics.jsonl").write_text("")
-        torch.manual_seed(cfg.seed)  # dropout masks: an LN-free run and its control draw the same ones
+        if main:
+            (run_dir / "metrics.jsonl").write_text("")
         if mode == "lnfree":
             if not calibration_batches:
                 raise ValueError("an LN-removal run needs calibration batches to measure σ̂")
             calibrate(model, [b.to(device) for b in calibration_batches], sigma)
     collect = mode == "lnfree" and sigma.collects
     if collect:
-        model.set_sigma_rule(sigma, micro_batches_per_step=n_micro)
+        model.set_sigma_rule(sigma, micro_batches_per_step=n_micro)  # "call": one σ̂ update per global micro-step
     model.set_dropout(cfg.dropout)
     run_info = {"mode": mode, "train": cfg.to_dict(), "schedule": schedule.to_dict(), **(extra or {})}
     if mode == "lnfree":
         run_info["sigma"] = sigma.to_dict()
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
-    fwd = torch.compile(model) if cfg.compile else model
+    if main:
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
-    reporters = open_reporters(report_to, run_dir, start, run_info)
-    bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress)
-    t_start, loss_value, last_ckpt = time.time(), float("nan"), ckpt
+    my_rows = world.rank_rows(seqs_per_step, cfg.micro_batch)
+    reporters = open_reporters(report_to, run_dir, start, run_info) if main else []
+    bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress and main)
+    t_start, loss_value, last_ckpt, step = time.time(), float("nan"), ckpt, start
     try:
         for step in range(start, schedule.total_steps):
             t0 = time.time()
-            newly_frozen = apply_site_states(model, schedule.state_at(step)) if mode == "lnfree" else []
+            states = schedule.state_at(step) if mode == "lnfree" else {}
+            newly_frozen = apply_site_states(model, states) if states else []
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ce_sum, aux_sum = 0.0, 0.0
-            for _ in range(n_micro):
-                idx = sampler.next_batch(cfg.micro_batch).to(device, non_blocking=True)
-                with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
-                    if cfg.aux_weight > 0:
-                        logits, final_std = fwd(idx, return_final_std=True)
-                        aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
-                    else:
-                        logits, aux = fwd(idx), torch.zeros((), device=device)
-                    ce = next_token_loss(logits, idx)
-                ((ce + cfg.aux_weight * aux) / n_micro).backward()
-                ce_sum += ce.item()
-                aux_sum += aux.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            loss_value = ce_sum / n_micro
-            _guard(loss_value, history, cfg, step, last_ckpt)
+            batch = sampler.gather(sampler.next_indices(seqs_per_step)[my_rows]).to(device, non_blocking=True)
+            loss_value, aux_value, grad_norm = _step(wrapped, model, batch, cfg, step, n_micro, collect, world, device)
+            _guard(loss_value, history, cfg, step, last_ckpt)  # every rank sees the same global loss
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if collect and sigma.ema == "step":
                 model.ema_step(sigma.momentum)
             history = (history + [loss_value])[-50:]
-            frozen = sum(s.is_frozen for s in model.norm_sites().values())
             dt = time.time() - t0
             done = step + 1 == schedule.total_steps
-            record = {"step": step, "loss": loss_value, "aux_loss": aux_sum / n_micro, "lr": lr,
-                      "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-                      "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done):
-                record["val_loss"] = validation_loss(model, val_batches, cfg, device)
-            if mode == "lnfree":
-                record["sigma"] = sigma_record(model)
-            if newly_frozen:
-                record["events"] = newly_frozen
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if reporters:
-                values = scalars(record)
-                for reporter in reporters:
-                    reporter.log(step, values)
-            shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_step / dt:,.0f}",
-                     "frozen": f"{frozen}/{n_sites}"}
-            if "val_loss" in record:
-                shown["val"] = f"{record['val_loss']:.4f}"
-            bar.update(step, shown)
+            validate = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done)
+            val_loss = (validation_loss(model, val_batches, cfg, device)
+                        if validate and (main or world.fsdp) else None)  # a sharded model's forwards are collective
+            if main:
+                frozen = sum(state.frozen for state in states.values())
+                record = {"step": step, "loss": loss_value, "aux_loss": aux_value, "lr": lr,
+                          "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                          "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
+                if val_loss is not None:
+                    record["val_loss"] = val_loss
+                if mode == "lnfree":
+                    record["sigma"] = sigma_record(model)
+                if newly_frozen:
+                    record["events"] = newly_frozen
+                _log(run_dir, record, reporters, bar)
             if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                 state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
                                  data=sampler.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
                                  family=model.family, history=history, extra={"mode": mode})
-                last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
+                last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints,
+                                            world=world)
+    except RuntimeError as e:  # a collective another rank never joined: say which rank, and what was kept
+        if world.active and distributed.is_comm_error(e):
+            raise distributed.peer_lost(world, e, step, cfg.dist_timeout, last_ckpt) from None
+        raise
     finally:
         bar.close()
         for reporter in reporters:
             reporter.close()
     steps_run = schedule.total_steps - start
     return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=steps_run * tokens_per_step,
-                     wall_seconds=time.time() - t_start, model=model)
+                     wall_seconds=time.time() - t_start, model=whole_model(model, world))
+
+
+def _step(wrapped, model: LNModel, batch: Tensor, cfg: TrainConfig, step: int, n_micro: int, collect: bool,
+          world: distributed.World, device: torch.device) -> tuple[float, float, float]:
+    """Forward and backward over this rank's micro-batches of one optimizer step, then the clip; returns the global
+    mean CE, mean aux loss and grad norm (one host read)."""
+    sums = torch.zeros(2, device=device)  # CE, aux — kept on device until the step's single read
+    for j, idx in enumerate(batch.split(cfg.micro_batch)):
+        # dropout masks belong to the global micro-batch, whichever rank runs it (and survive a resume)
+        torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
+        with distributed.gradient_sync(wrapped, world, last=j == n_micro - 1):
+            with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
+                if cfg.aux_weight > 0:
+                    logits, final_std = wrapped(idx, return_final_std=True)
+                    aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
+                else:
+                    logits, aux = wrapped(idx), torch.zeros((), device=device)
+                ce = next_token_loss(logits, idx)
+            ((ce + cfg.aux_weight * aux) / n_micro).backward()
+        sums += torch.stack([ce.detach(), aux.detach()])
+    distributed.all_reduce_sum_(sums)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    ce_mean, aux_mean, norm = (*(sums / (n_micro * world.size)).tolist(), grad_norm.item())
+    return ce_mean, aux_mean, norm
+
+
+def _log(run_dir: Path, record: dict, reporters: list, bar: StepProgress) -> None:
+    """One metrics line, the reporters' scalars and the progress bar's figures (rank 0)."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if reporters:
+        values = scalars(record)
+        for reporter in reporters:
+            reporter.log(record["step"], values)
+    shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:,.0f}",
+             "frozen": f"{record['frozen_sites']}/{record['n_sites']}"}
+    if "val_loss" in record:
+        shown["val"] = f"{record['val_loss']:.4f}"
+    bar.update(record["step"], shown)
 
 
 def _guard(loss: float, history: list[float], cfg: TrainConfig, step: int, last_ckpt: Path | None) -> None:

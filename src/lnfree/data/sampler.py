@@ -56,6 +56,11 @@ class SequenceSampler:
 
     def next_batch(self, n: int) -> torch.Tensor:
         """The next ``n`` sequences as a LongTensor of shape (n, ctx); advances the cursor."""
+        return self.gather(self.next_indices(n))
+
+    def next_indices(self, n: int) -> np.ndarray:
+        """Indices of the next ``n`` sequences (``gather`` reads them); advances the cursor. A rank of a distributed
+        run takes all of a step's indices and reads only its own rows, so the cursor is the same on every rank."""
         if n < 1:
             raise ValueError(f"batch size must be positive, got {n}")
         parts = []
@@ -68,7 +73,7 @@ class SequenceSampler:
             remaining -= len(taken)
             if self.position == self.n_sequences:
                 self.epoch, self.position = self.epoch + 1, 0
-        return self._gather(np.concatenate(parts))
+        return np.concatenate(parts)
 
     def iter_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """One pass over every sequence in epoch-0 order (stream order when ``shuffle=False``), in
@@ -77,7 +82,7 @@ class SequenceSampler:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         order = self.epoch_order(0)
         for start in range(0, self.n_sequences, batch_size):
-            yield self._gather(order[start : start + batch_size])
+            yield self.gather(order[start : start + batch_size])
 
     def state_dict(self) -> dict[str, int]:
         """The cursor plus what identifies the data, all ints (JSON-serializable)."""
@@ -120,7 +125,8 @@ class SequenceSampler:
             return self.cache.data_id
         return self.cache.prefix_id(self.n_sequences * self.ctx)  # unchanged when the cache grows behind it
 
-    def _gather(self, indices: np.ndarray) -> torch.Tensor:
+    def gather(self, indices: np.ndarray) -> torch.Tensor:
+        """Sequences ``indices`` as a LongTensor (len(indices), ctx)."""
         import torch
 
         ctx = self.ctx

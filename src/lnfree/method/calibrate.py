@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..models.base import LNModel
@@ -17,19 +19,23 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
     """Set every live site's σ̂ (and its position-0 / EOT specials) to `rule`'s statistic of its input: by
     default the mean per-token std, position 0 and EOT positions apart.
 
-    Runs plain forwards in eval mode over `batches` (token ids, (B, T)); returns {site: σ̂}. The rule stays set
+    Runs plain forwards in eval mode over `batches` (token ids, (B, T)), shared among the ranks of a distributed
+    run; returns {site: σ̂}. The rule stays set
     on the model; a training run then switches on its EMA (`LNModel.set_sigma_rule`).
     """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration needs at least one batch of tokens")
     model.set_sigma_rule(rule or SigmaRule())  # no micro-batch count: statistics wait for the ema_step below
     was_training = model.training
     model.eval()
-    n = 0
-    with model.collect_norm_stats():
-        for idx in batches:
-            model(idx)
-            n += 1
-    if n == 0:
-        raise ValueError("calibration needs at least one batch of tokens")
+    # In a distributed run rank r measures batches r, r + W, …; a rank left without one in the last round runs
+    # an unmeasured forward, since a sharded model's forwards are collective. The sums meet in ema_step.
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for first in range(0, len(batches), size):
+        mine = first + rank
+        with model.collect_norm_stats() if mine < len(batches) else contextlib.nullcontext():
+            model(batches[mine if mine < len(batches) else 0])
     model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured statistic
     model.train(was_training)
     return {name: site.sigma.tolist() for name, site in model.norm_sites().items()}  # per head: a list

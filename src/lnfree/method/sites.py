@@ -22,6 +22,7 @@ computed so that an activation-checkpoint recompute sees the σ̂ its forward us
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .sigma import SigmaRule
@@ -123,6 +124,20 @@ class NormSite(nn.Module):
         self.stat_counts.zero_()
 
 
+def reduce_across_ranks(sites: list[NormSite]) -> None:
+    """Sum the sites' accumulated statistics over the ranks of a distributed run, so that every rank moves σ̂ by
+    the same global measurement (one collective; nothing in one process)."""
+    if not sites or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for s in sites for b in (s.stat_sums, s.stat_squares, s.stat_counts)]
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 class RemovableLayerNorm(nn.Module):
     """A LayerNorm (γ, β, eps) — or, with `rms`, an RMSNorm (γ, eps: no centring, no β; Llama, Qwen) — with one
     `NormSite` per path; returns one output per path. For an RMSNorm "std" below means the per-token RMS and a
@@ -153,8 +168,11 @@ class RemovableLayerNorm(nn.Module):
         return list(self.sites) if live and self.rule.tracking == "norm" else live
 
     @torch.no_grad()
-    def ema_step(self, momentum: float) -> None:
-        """Fold the collected statistics into σ̂ of every tracked site; frozen, untracked sites never move."""
+    def ema_step(self, momentum: float, reduce: bool = True) -> None:
+        """Fold the collected statistics (summed over ranks unless the caller did: `reduce=False`) into σ̂ of every
+        tracked site; frozen, untracked sites never move."""
+        if reduce:
+            reduce_across_ranks(self.tracked_sites())
         for site in self.tracked_sites():
             site.update(momentum, self.rule.statistic)
             if self.rule.eot_sigma == "bos":

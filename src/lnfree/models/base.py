@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..method.fold import PUBLISHED_NOLN_MIN_EPS
 from ..method.schedule import SiteSpec
 from ..method.sigma import SigmaRule
-from ..method.sites import NormSite, RemovableLayerNorm
+from ..method.sites import NormSite, RemovableLayerNorm, reduce_across_ranks
 
 
 class LNModel(nn.Module):
@@ -93,9 +93,12 @@ class LNModel(nn.Module):
         return block(*args, cache)
 
     def ema_step(self, momentum: float) -> None:
-        """Fold the collected std into σ̂ at every tracked site (once per optimizer step, "step" rule)."""
-        for layer in self.norm_layers():
-            layer.ema_step(momentum)
+        """Fold the collected std into σ̂ at every tracked site (once per optimizer step, "step" rule), the
+        statistics of every rank summed in one collective."""
+        layers = self.norm_layers()
+        reduce_across_ranks([site for layer in layers for site in layer.tracked_sites()])
+        for layer in layers:
+            layer.ema_step(momentum, reduce=False)
 
     def set_dropout(self, p: float) -> None:
         """Dropout probability of training forwards, wherever the family places dropout (GPT-2: embeddings,
@@ -103,6 +106,14 @@ class LNModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "dropout_p"):
                 module.dropout_p = p
+
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The repeated blocks (FSDP2 shards each): the model's ModuleList of `n_layers` modules; a family with
+        another layout overrides this."""
+        found = [m for m in self.children() if isinstance(m, nn.ModuleList) and len(m) == self.n_layers]
+        if len(found) != 1:
+            raise NotImplementedError(f"{type(self).__name__}: say which ModuleList holds the blocks")
+        return found[0]
 
     # ---- to be provided by the family -----------------------------------------------------------------------
     @property
@@ -125,6 +136,11 @@ class LNModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
+        raise NotImplementedError
+
+    def output_projections(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Per block, (attention output projection, MLP output projection): their inputs are the heads' outputs
+        (B, T, H·d_head) and the MLP neurons' activations — where `lnfree compare` reads and patches."""
         raise NotImplementedError
 
     def residual_components(self, cache: dict[str, Tensor]) -> tuple[list[str], Tensor]:
