@@ -156,10 +156,12 @@ def check_batch_layout(seqs_per_step: int, micro_batch: int, world: World) -> in
     with the sizes that would."""
     n_micro = seqs_per_step // micro_batch
     if n_micro % world.size:
-        valid = [w for w in range(1, n_micro + 1) if n_micro % w == 0]
-        raise ValueError(f"{world.size} processes cannot share a step of {n_micro} micro-batches of "
-                         f"{micro_batch} sequences; use a world size in {valid} or change --batch-tokens / "
-                         "--micro-batch")
+        sizes = [w for w in range(1, n_micro + 1) if n_micro % w == 0]
+        micro = [m for m in range(1, seqs_per_step + 1) if seqs_per_step % (m * world.size) == 0]
+        fix = (f"--micro-batch {' or '.join(map(str, micro[-3:]))}" if micro else
+               f"a --batch-tokens that holds a multiple of {world.size} sequences")
+        raise ValueError(f"{world.size} processes cannot share a step of {n_micro} micro-batches of {micro_batch} "
+                         f"sequences; use a world size in {sizes}, or at {world.size} processes {fix}")
     return n_micro // world.size
 
 

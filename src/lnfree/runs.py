@@ -189,6 +189,10 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     if show_plan and not control:
         print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
         print(f"# {describe_training(cfg, sigma)}")
+        if world.active:
+            per_rank = cfg.sequences_per_step() // (cfg.micro_batch * world.size)
+            print(f"# {world.size} processes ({'FSDP2' if world.fsdp else 'DDP'}): {per_rank} micro-batch(es) of "
+                  f"{cfg.micro_batch} sequences per rank per step")
         print(schedule.format_timeline(), flush=True)
     if cfg.ctx > model.context_length:
         raise ValueError(f"--ctx {cfg.ctx} exceeds the model's context of {model.context_length} tokens")
