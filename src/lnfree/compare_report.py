@@ -152,21 +152,22 @@ def plot_dla_layers(r: dict, path: Path) -> None:
         layers = [row["layer"] for row in m["dla_per_layer"]]
         ax1.plot(layers, [row["correlation"] for row in m["dla_per_layer"]], "o-", color=COLOURS[name],
                  label=f"original vs {LABELS[name]}")
-    ax1.set_xlabel("layer")
-    ax1.set_ylabel("correlation of DLA (heads + MLP)")
-    ax1.set_title("per-layer DLA agreement", fontsize=9)
-    ax1.legend(fontsize=7)
+    _label(ax1, "layer", "correlation of DLA (heads + MLP)", "per-layer DLA agreement")
     rows = mech["lnfree"]["dla_per_layer"]
     x = np.arange(len(rows))
     ax2.bar(x - 0.2, [row["mean_abs_original"] for row in rows], 0.4, color=COLOURS["original"], label="original")
     ax2.bar(x + 0.2, [row["mean_abs_model"] for row in rows], 0.4, color=COLOURS["lnfree"], label="LN-free")
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("mean |DLA| (logits)")
-    ax2.set_title("size of direct attributions", fontsize=9)
-    ax2.legend(fontsize=7)
+    _label(ax2, "layer", "mean |DLA| (logits)", "size of direct attributions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def plot_entropy(r: dict, path: Path) -> None:
@@ -180,15 +181,9 @@ def plot_entropy(r: dict, path: Path) -> None:
         rel = [b for b in s["reliability"] if b["n"]]
         ax2.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", color=COLOURS[name], ms=3,
                  label=f"{LABELS[name]} (ECE {s['ece']:.3f})")
-    ax1.set_xlabel("entropy of the next-token distribution (nats)")
-    ax1.set_ylabel("share of predictions")
-    ax1.set_title("entropy", fontsize=9)
-    ax1.legend(fontsize=7)
+    _label(ax1, "entropy of the next-token distribution (nats)", "share of predictions", "entropy")
     ax2.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax2.set_xlabel("top-1 confidence")
-    ax2.set_ylabel("top-1 accuracy")
-    ax2.set_title("reliability (15 bins)", fontsize=9)
-    ax2.legend(fontsize=7)
+    _label(ax2, "top-1 confidence", "top-1 accuracy", "reliability (15 bins)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
