@@ -105,7 +105,7 @@ def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_gre
         return main(["remove", str(tiny_setup["model"]), "--data", str(tiny_setup["corpus"]), "--out", str(out),
                      "--cache-dir", str(tmp_path / "cache"), *RUN_ARGS, *extra])
 
-    assert run(tmp_path / "ref") == 0
+    assert run(tmp_path / "ref", "--sample-factor", "1") == 0
     (cache,) = [p for p in (tmp_path / "cache").iterdir() if "sample" in p.name]
     manifest = json.loads((cache / "manifest.json").read_text())
     need = 12 * 4 * 32  # steps × batch tokens (calibration re-reads them)
@@ -120,12 +120,29 @@ def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_gre
         return path
 
     monkeypatch.setattr(lnfree.train, "save_checkpoint", save_then_die)
-    assert run(tmp_path / "killed") == 130
+    assert run(tmp_path / "killed", "--sample-factor", "1") == 130
     monkeypatch.undo()
     # ... another run grows the shared cache ...
     assert run(tmp_path / "bigger", "--max-train-tokens", "40000") == 0
     assert json.loads((cache / "manifest.json").read_text())["token_count"] > manifest["token_count"]
     # ... and the resume still reads exactly what the uninterrupted run read
-    assert run(tmp_path / "killed", "--resume") == 0
+    assert run(tmp_path / "killed", "--resume", "--sample-factor", "1") == 0
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "ref")
     assert _losses(tmp_path / "bigger") != _losses(tmp_path / "ref")
+
+
+def test_a_run_reads_its_sequences_from_a_sample_several_times_larger(sorted_corpus, tiny_setup, tmp_path):
+    """The sample covers --sample-factor × what the run reads, and the run draws its sequences from all of it: from
+    about that many times more documents than a sample of the run's own size."""
+    documents, window, tokens = {}, {}, {}
+    for factor in (1, 4):
+        out, cache = tmp_path / f"run{factor}", tmp_path / f"cache{factor}"
+        assert main(["remove", str(tiny_setup["model"]), "--data", str(sorted_corpus[0] / "data"), "--out",
+                     str(out), "--cache-dir", str(cache), *RUN_ARGS, "--sample-factor", str(factor)]) == 0
+        window[factor] = json.loads((out / "run.json").read_text())["data_window_sequences"]
+        (folder,) = [p for p in cache.iterdir() if "sample" in p.name]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        documents[factor], tokens[factor] = manifest["sample"]["documents"], manifest["token_count"]
+    assert window == {1: 12 * 4, 4: 4 * 12 * 4}  # sequences of 32 tokens: steps × batch, and 4× that
+    assert tokens[1] >= 12 * 4 * 32 and tokens[4] >= 4 * 12 * 4 * 32
+    assert documents[4] > documents[1] > 0

@@ -60,8 +60,11 @@ class TrainConfig:
     spike_factor: float = _opt(10.0, "stop when a step's loss exceeds this multiple of the running median (or "
                                      "is not finite)")
     max_train_tokens: int | None = _opt(None, "tokens a removal run tokenizes and reads from: a seeded random sample "
-                                              "of the data's documents (default: what the run reads — steps × "
-                                              "batch tokens + calibration)")
+                                              "of the data's documents (default: --sample-factor × what the run "
+                                              "reads)")
+    sample_factor: float = _opt(4.0, "the sample a removal run reads from holds this many times the tokens it reads "
+                                     "(steps × batch tokens), so its sequences come from that many times more "
+                                     "documents")
     full_cache: bool = _opt(False, "tokenize the whole training split first (nanoGPT's prepare.py) instead of a "
                                    "sample that covers the run")
     eval_every: int = _opt(0, "validation CE every N steps and at the end, on the data's val split (0: never)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,15 +67,21 @@ def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
 
 
 def token_need(cfg: TrainConfig) -> int:
-    """Tokens a run reads (or --max-train-tokens): every step's batch — calibration draws from the same sequences,
-    so only a calibration longer than the run adds any. Neither the micro-batch size nor the world size changes
-    it: they change how a step is computed, never which data it reads."""
+    """Tokens of the sample a run reads from (or --max-train-tokens): `sample_factor` × every step's batch, so the
+    sequences a run reads are spread over that many times more documents (stdlib analog, one seed: the vanilla
+    control's validation CE 3.769 after a sample of the run's size, 3.727 after 4×, 3.721 after the whole split;
+    the original 3.728).
+    Calibration draws from the same sequences. Neither the micro-batch size nor the world size changes it: they
+    change how a step is computed, never which data it reads."""
     if cfg.max_train_tokens is not None:
         if cfg.max_train_tokens < cfg.ctx * cfg.micro_batch:
             raise ValueError(f"--max-train-tokens {cfg.max_train_tokens} is less than one micro-batch "
                              f"({cfg.micro_batch} × {cfg.ctx} tokens)")
         return cfg.max_train_tokens
-    return max(cfg.steps * cfg.batch_tokens, cfg.calibration_batches * cfg.micro_batch * cfg.ctx)
+    if cfg.sample_factor < 1:
+        raise ValueError(f"--sample-factor {cfg.sample_factor} would sample less than the run reads; use 1 or more")
+    return math.ceil(max(cfg.sample_factor * cfg.steps * cfg.batch_tokens,
+                         cfg.calibration_batches * cfg.micro_batch * cfg.ctx))
 
 
 def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool,
