@@ -108,7 +108,8 @@ def reference(live, tmp_path_factory):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_make_the_one_process_run(live, reference, tmp_path, mode):
     out = tmp_path / mode
-    result = _ok(_torchrun(live, out, 2, *(["--fsdp"] if mode == "fsdp" else [])))
+    # FSDP2 composed with activation checkpointing (each block recomputed, its parameters gathered again)
+    result = _ok(_torchrun(live, out, 2, *(["--fsdp", "--activation-checkpointing"] if mode == "fsdp" else [])))
     _assert_same_run(out, reference)
     assert result.stderr.count("the ranks talk over gloo") == 1  # said once, by rank 0
     assert result.stdout.count("done:") == 1 and result.stdout.count("# preset live") == 1  # rank 0 prints
