@@ -91,3 +91,50 @@ def test_new_training_settings_keep_the_cached_analogs_keys():
     assert hard_config().key() == "6bfae190c55f"
     assert replace(DemoConfig(), family="llama").key() == "fa99f298f706"
     assert replace(DemoConfig(), pretrain=replace(DemoConfig().pretrain, lr=1e-3)).key() != DemoConfig().key()
+
+
+def test_the_default_analog_ships_with_the_package():
+    """`lnfree demo` needs no pretraining: the default analog, its tokenizer and its card are package files, and only
+    the configuration that made it picks it up."""
+    from dataclasses import replace
+
+    from lnfree.demo import DemoConfig, hard_config, shipped_analog
+    from lnfree.models import load_model
+    from lnfree.tokenizer import load_tokenizer
+
+    folder = shipped_analog(DemoConfig())
+    assert folder is not None
+    card = json.loads((folder / "analog.json").read_text())
+    assert card["demo_key"] == DemoConfig().key() and "lnfree demo --fresh" in card["made_by"]
+    assert "lnfree demo --fresh" in (folder / "README.md").read_text()
+    model = load_model(folder)
+    assert (model.n_layers, model.config.n_embd, len(load_tokenizer(folder))) == (6, 128, 4096)
+    for other in (quick_config(), hard_config(), replace(DemoConfig(), family="llama"), replace(DemoConfig(), seed=1)):
+        assert shipped_analog(other) is None
+
+
+def test_a_first_demo_takes_the_shipped_analog_and_fresh_pretrains(tmp_path, monkeypatch):
+    """With an empty cache the demo reads this stdlib with the shipped tokenizer and fine-tunes the shipped model —
+    no tokenizer trained, nothing pretrained; `--fresh` trains and pretrains its own. (A stand-in analog for the quick
+    configuration plays the shipped one.)"""
+    from lnfree import demo
+    from lnfree.models import save_model
+    from lnfree.models.io import FAMILIES
+    from lnfree.tokenizer import load_tokenizer
+
+    cfg = quick_config()
+    tok_dir = demo.prepare_tokenizer(cfg, tmp_path / "maker")
+    tok = load_tokenizer(tok_dir)
+    model = FAMILIES["gpt2"].new_model(len(tok), cfg.ctx, cfg.n_embd, cfg.n_layer, cfg.n_head, tok.eos_token_id, 3)
+    shipped = save_model(model, tmp_path / "shipped", tokenizer_from=tok_dir)
+    (shipped / "analog.json").write_text(json.dumps({"demo_key": cfg.key(), "made_by": "a test"}))
+    monkeypatch.setattr(demo, "SHIPPED_ANALOG", shipped)
+    monkeypatch.setenv("LNFREE_DEMO_CACHE", str(tmp_path / "cache"))
+    first = run_demo(tmp_path / "out", cfg)
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert made == ["tokens"] and first["analog"] == "shipped with lnfree"
+    assert "shipped with lnfree" in (tmp_path / "out" / "report.md").read_text()
+    fresh = run_demo(tmp_path / "out", cfg, fresh=True)
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert made == ["pretrain", "tokenizer", "tokens"] and fresh["analog"] != first["analog"]
+    assert fresh["ce_original"] < first["ce_original"]  # pretrained here, against the untrained stand-in

@@ -78,13 +78,16 @@ def test_resume_checks_a_corrupt_checkpoint_and_stale_temps(tiny_setup, tmp_path
 
 def test_a_second_process_on_a_running_folder_is_refused(tiny_setup, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(_remove_cmd(tiny_setup, run, "--steps", "60"), stdout=subprocess.DEVNULL,
+    # long enough to outlast the second process's start (60 tiny steps ended ~2 s after the first metrics line, a
+    # busy machine's interpreter start took longer, and the second run found a finished folder)
+    first = subprocess.Popen(_remove_cmd(tiny_setup, run, "--steps", "300"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (run / "metrics.jsonl").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.01)
-    second = subprocess.run(_remove_cmd(tiny_setup, run, "--steps", "60", "--resume"), capture_output=True, text=True)
+    second = subprocess.run(_remove_cmd(tiny_setup, run, "--steps", "300", "--resume"), capture_output=True,
+                            text=True)
     first.wait()
     assert first.returncode == 0, first.stderr.read()
     assert second.returncode == 2 and "another lnfree process" in second.stderr, second.stderr
-    assert len(_losses(run)) == 60  # the first run's metrics alone
+    assert len(_losses(run)) == 300  # the first run's metrics alone

@@ -403,3 +403,43 @@ def test_rms_site_folds_into_the_linear_map_that_reads_it():
     w, b = fold_layernorm_into_linear(ln.weight, None, site.sigma, linear.weight, linear.bias, centre=False)
     with torch.no_grad():
         assert torch.allclose(linear(ln(x)[0]), x @ w.T + b, atol=1e-5)
+
+
+# ---- the compile-friendly path -----------------------------------------------------------------------------
+@pytest.mark.parametrize("tracking", ["norm", "site"])
+def test_static_graph_computes_what_the_branches_compute(tracking):
+    """`set_static_graph` (what --compile runs) picks every divisor on the device instead of branching on the site
+    state: outputs, gradients and the per-call σ̂ EMA must equal the eager branches' in every state a schedule
+    passes through — live, frozen, specials at full, partial and zero weight, the two ln_1 paths apart."""
+    from lnfree.method.sigma import SigmaRule
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 12, generator=g) * 2
+    eot = torch.zeros(3, 7, dtype=torch.bool)
+    eot[0, 3] = eot[2, 0] = eot[1, 6] = True
+    rule = SigmaRule(ema="call", momentum=0.6, tracking=tracking)
+    states = [(False, 1.0, 1.0), (True, 1.0, 1.0), (True, 0.5, 0.25), (True, 0.0, 1.0), (True, 0.0, 0.0)]
+    for qk_state in states:
+        for v_state in states:
+            layers = []
+            for static in (False, True):
+                ln = _layer(paths=("qk", "v"))
+                ln.static = static
+                ln.rule, ln.call_momentum, ln.collecting = rule, 0.6, True
+                for site, state, sigma in zip(ln.sites, (qk_state, v_state), (2.0, 3.0), strict=True):
+                    site.set_state(*state)
+                    site.sigma.fill_(sigma)
+                    site.sigma_bos.fill_(7.0)
+                    site.sigma_eot.fill_(0.5)
+                xi = x.clone().requires_grad_()
+                outs = ln(xi, eot)
+                sum((o * (k + 1)).sum() for k, o in enumerate(outs)).backward()
+                layers.append((outs, xi.grad, ln.weight.grad, [s.sigma.clone() for s in ln.sites],
+                               [s.sigma_bos.clone() for s in ln.sites]))
+            (eager, static) = layers
+            for a, b in zip(eager[0], static[0], strict=True):
+                assert torch.allclose(a, b, atol=1e-5), (qk_state, v_state)
+            for a, b in zip(eager[1:3], static[1:3], strict=True):
+                assert torch.allclose(a, b, atol=1e-4), (qk_state, v_state)
+            for a, b in zip(eager[3] + eager[4], static[3] + static[4], strict=True):
+                assert torch.allclose(a, b, rtol=1e-6), (qk_state, v_state)

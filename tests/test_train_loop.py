@@ -176,3 +176,76 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(model_dir, tmp_path):
     with torch.no_grad():
         a, b = out["fp32"][0].eval()(idx), out["bf16"][0].eval()(idx)
     assert (a - b).abs().max().item() < 0.1 and not torch.equal(a, b)
+
+
+class _DeviceReads:
+    """Counts what a step reads from the device: `.item()`, `.tolist()`, a tensor in an `if` (bool/float/int), and
+    boolean-mask indexing (a data-dependent shape: a host sync on a GPU and a graph break under compile)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.counts = {name: 0 for name in (*self.NAMES, "mask index")}
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+        getitem = torch.Tensor.__getitem__
+
+        def masked(t, key):
+            keys = key if isinstance(key, tuple) else (key,)
+            if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+                self.counts["mask index"] += 1
+            return getitem(t, key)
+        monkeypatch.setattr(torch.Tensor, "__getitem__", masked)
+
+    def _counting(self, name, original):
+        def counted(t, *args, **kwargs):
+            self.counts[name] += 1
+            return original(t, *args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("ema", ["step", "call"])
+def test_a_training_step_reads_the_device_once(model_dir, monkeypatch, ema):
+    """The hot path has no host syncs: through site switches, specials being eased out, σ̂ statistics, the EMA and
+    the aux loss, a step reads the device once — its losses and grad norm, together."""
+    from lnfree.train import Stepper
+
+    model = load_model(model_dir)
+    schedule = Schedule(total_steps=5, freeze_at={"blocks.0.ln2": 1, "blocks.0.ln1.qk": 2, "blocks.1.ln1.v": 2},
+                        eot_off={"blocks.0.ln2": 4}, bos_off={"blocks.0.ln2": 4}, bos_ramp=2)
+    rule = SigmaRule(ema=ema, momentum=0.5, tracking="norm")
+    stepper = Stepper(model, _cfg(steps=5, aux_weight=0.1, dropout=0.1), schedule, sigma=rule)
+    calibrate(model, [random_tokens(batch=MICRO, seq=CTX, seed=99)], rule)
+    stepper.start()
+    sampler = RecordingSampler()
+    reads = _DeviceReads(monkeypatch)
+    for step in range(5):
+        stepper.begin(step)
+        stepper.compute(step, sampler.gather(np.arange(2 * MICRO)))
+        stepper.finish()
+    monkeypatch.undo()
+    assert reads.counts == {**{name: 0 for name in reads.counts}, "tolist": 5}
+    assert sum(s.is_frozen for s in model.norm_sites().values()) == 3
+
+
+def test_compiled_removal_keeps_one_graph_across_site_switches(model_dir, tmp_path):
+    """`--compile` (activation checkpointing on): through freezes and specials eased out, the compiled run gives the
+    eager run's losses and σ̂, with no graph break and no recompile — one graph serves every site state."""
+    from torch._dynamo.utils import counters
+
+    rule = SigmaRule(ema="call", momentum=0.5, tracking="norm", v_reads=2)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        model = load_model(model_dir)
+        train(model, RecordingSampler(), _cfg(compile=compiled, activation_checkpointing=True, aux_weight=0.1,
+                                              checkpoint_every=100), _schedule(), tmp_path / f"run{compiled}",
+              sigma=rule, calibration_batches=[random_tokens(batch=MICRO, seq=CTX, seed=99)], progress=False)
+        lines = (tmp_path / f"run{compiled}" / "metrics.jsonl").read_text().splitlines()
+        runs[compiled] = ([json.loads(line)["loss"] for line in lines], _flat(_sigmas(model)))
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)

@@ -3,7 +3,9 @@
 1. corpus    the running interpreter's standard library (.py), split train/val by file
 2. tokenizer byte-level BPE trained locally (cached)
 3. pretrain  a small GPT-2 (or, `--family llama`, a Llama-style model) with its norms (cached, keyed by corpus,
-             tokenizer and settings)
+             tokenizer and settings). The default GPT-2 analog ships with lnfree (`lnfree/analog/`, its card says
+             what made it), so a first demo skips steps 2–3: it tokenizes this Python's stdlib with the shipped
+             tokenizer and goes on; `--fresh` trains the tokenizer and pretrains the analog here instead.
 4. removal   `baroni2025` rescaled to a fine-tuning budget of a few % of pretraining, and its vanilla control
 5. evaluate  original / vanilla / LN-free on the val split; `verify` on the LN-free model; export
 6. report    report.md, results.json and plots in the output folder
@@ -34,7 +36,7 @@ from .models import load_model
 from .models.base import LNModel
 from .models.io import FAMILIES
 from .plots import plot_loss, residual_std_by_position, site_colour
-from .runs import run_pretrain, run_removal
+from .runs import removal_plan, run_pretrain, run_removal, token_need
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
@@ -94,10 +96,29 @@ def demo_cache_dir() -> Path:
     return Path(os.environ.get("LNFREE_DEMO_CACHE", Path.home() / ".cache" / "lnfree" / "demo")).expanduser()
 
 
-def prepare_tokenizer(cfg: DemoConfig, cache: Path) -> Path:
+# The pretrained analog that ships with the package: the one `lnfree demo --fresh` makes with the default settings
+# (analog.json: its DemoConfig key, the corpus, the command and the code that made it; README.md: its card).
+SHIPPED_ANALOG = Path(__file__).parent / "analog"
+
+
+def shipped_analog(cfg: DemoConfig) -> Path | None:
+    """The packaged analog (a model folder with its tokenizer) when it is the one `cfg` would pretrain, else None."""
+    meta = SHIPPED_ANALOG / "analog.json"
+    if not (meta.is_file() and (SHIPPED_ANALOG / "model.safetensors").is_file()):
+        return None
+    return SHIPPED_ANALOG if json.loads(meta.read_text())["demo_key"] == cfg.key() else None
+
+
+def tokenizer_folder(cfg: DemoConfig, cache: Path) -> Path:
+    """Where this Python's stdlib tokenizer is (or would be) cached: keyed by the training files' names and sizes."""
     files = list_source_files("stdlib", "train")
     sig = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
-    folder = cache / f"tokenizer-{cfg.vocab_size}-{sig}"
+    return cache / f"tokenizer-{cfg.vocab_size}-{sig}"
+
+
+def prepare_tokenizer(cfg: DemoConfig, cache: Path) -> Path:
+    files = list_source_files("stdlib", "train")
+    folder = tokenizer_folder(cfg, cache)
     if not (folder / "tokenizer.json").exists():
         t0 = time.time()
         tmp = folder.with_name(folder.name + ".tmp")
@@ -182,20 +203,33 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
     mb = lambda fs: sum(p.stat().st_size for p in fs) / 1e6
     _say(f"corpus: Python {__import__('sys').version.split()[0]} stdlib, train {len(train_files)} files "
          f"({mb(train_files):.1f} MB), val {len(val_files)} files ({mb(val_files):.1f} MB)")
-    tok_dir = prepare_tokenizer(cfg, cache)
+    # The analog: one pretrained here before (cached), else the shipped one when it fits `cfg`, else pretrain now.
+    local = pretrained_folder(cfg, tokenizer_folder(cfg, cache), cache) / "final" / "model.safetensors"
+    shipped = None if fresh or local.exists() else shipped_analog(cfg)
+    t_tok = time.time()
+    if shipped is not None:
+        made = json.loads((shipped / "analog.json").read_text())
+        _say(f"pretrained analog: shipped with lnfree ({made['made_by']}); this stdlib is read with its tokenizer")
+        tok_dir = shipped
+    else:
+        tok_dir = prepare_tokenizer(cfg, cache)
     if fresh:  # this analog's pretraining only: other analogs and the (deterministic) tokenizer stay cached
         shutil.rmtree(pretrained_folder(cfg, tok_dir, cache), ignore_errors=True)
     tok = load_tokenizer(tok_dir)
-    train_cache = build_token_cache("stdlib", tok, split="train", cache_root=token_cache)
-    val_cache = build_token_cache("stdlib", tok, split="val", cache_root=token_cache)
-    _say(f"tokens: train {train_cache.token_count:,}, val {val_cache.token_count:,}")
-    t_pre = time.time()
-    original_dir = prepare_pretrained(cfg, tok_dir, cache, token_cache)
-    pretrain_seconds = time.time() - t_pre
     ft_steps = cfg.ft_steps()
     overrides = {"steps": ft_steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
                  "ctx": cfg.ctx, "lr": cfg.ft_lr, "min_lr": cfg.ft_lr, "warmup_steps": 0, "seed": cfg.seed,
                  "dropout": cfg.ft_dropout}
+    # Pretraining reads the whole train split; fine-tuning only its sampled share, which the runs reuse below.
+    need = None if shipped is None else token_need(removal_plan(cfg.n_layer, cfg.preset, overrides).train)
+    train_cache = build_token_cache("stdlib", tok, split="train", cache_root=token_cache, need_tokens=need)
+    val_cache = build_token_cache("stdlib", tok, split="val", cache_root=token_cache)
+    _say(f"tokens: train {train_cache.token_count:,}{' (the fine-tuning sample)' if need else ''}, "
+         f"val {val_cache.token_count:,}")
+    tokenize_seconds = time.time() - t_tok
+    t_pre = time.time()
+    original_dir = shipped if shipped is not None else prepare_pretrained(cfg, tok_dir, cache, token_cache)
+    pretrain_seconds = time.time() - t_pre
     runs = out / "runs"
     t_ft = time.time()
     _say(f"fine-tuning {ft_steps} steps ({ft_steps * cfg.pretrain.batch_tokens:,} tokens, "
@@ -229,8 +263,10 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> d
         "damage_recovered": _recovered(ce["lnfree"]["mean"] - ce["vanilla"]["mean"], real["freeze_all_no_ft_cost"]),
         "ft_tokens": ft_steps * cfg.pretrain.batch_tokens,
         "pretrain_tokens": cfg.pretrain.steps * cfg.pretrain.batch_tokens,
-        "wall_seconds": time.time() - t0, "pretrain_seconds": pretrain_seconds, "finetune_seconds": ft_seconds,
-        "eval_seconds": eval_seconds, "ce": ce, "realism_original": real, "realism_lnfree": real_lnfree,
+        "wall_seconds": time.time() - t0, "tokenize_seconds": tokenize_seconds, "pretrain_seconds": pretrain_seconds,
+        "finetune_seconds": ft_seconds, "eval_seconds": eval_seconds,
+        "analog": "shipped with lnfree" if shipped is not None else "pretrained here or cached",
+        "ce": ce, "realism_original": real, "realism_lnfree": real_lnfree,
         "sigma_hat": sigmas, "verify": verify_figures, "config": asdict(cfg),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -321,8 +357,9 @@ than on GPT-2; use it to check the pipeline and compare methods relative to each
  "`lnfree demo --hard` plants a position-0 outlier writer and makes removal much harder."}
 
 ## Time
-pretraining {r['pretrain_seconds']:.0f}s (0 when cached), fine-tuning both runs {r['finetune_seconds']:.0f}s,
-evaluation {r['eval_seconds']:.0f}s, total {r['wall_seconds']:.0f}s.
+tokenizer and token caches {r['tokenize_seconds']:.0f}s, pretraining {r['pretrain_seconds']:.0f}s (0 when cached or
+shipped; the analog used: {r['analog']}), fine-tuning both runs {r['finetune_seconds']:.0f}s, evaluation
+{r['eval_seconds']:.0f}s, total {r['wall_seconds']:.0f}s (the rest: verify, export, plots).
 
 ![loss curves](loss_curves.png)
 ![sigma per site](sigma_per_site.png)

@@ -72,13 +72,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: LNModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and embeddings, on LN gains only with cfg.decay_norm_weights, never on
-    biases."""
+    biases. The fused kernel on every device: on CPU torch's default is a loop over tensors, ~15× slower for
+    GPT-2 small (1.5 s against 0.1 s a step on 2 cores, benchmarks/train_step.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     gains = {id(layer.weight) for layer in model.norm_layers()} if cfg.decay_norm_weights else set()
     decayed = lambda p: p.dim() >= 2 or id(p) in gains
     groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type in ("cuda", "cpu"))
 
 
 def aux_std_loss(final_std: Tensor, eot_mask: Tensor | None) -> Tensor:
@@ -88,13 +89,16 @@ def aux_std_loss(final_std: Tensor, eot_mask: Tensor | None) -> Tensor:
     regular[:, 0] = False
     if eot_mask is not None:
         regular &= ~eot_mask
-    sigma_bar = final_std.detach()[regular].mean()
+    weights = regular.to(final_std.dtype)  # a masked mean: no data-dependent shape, nothing read back
+    sigma_bar = (final_std.detach() * weights).sum() / weights.sum()
     return (final_std - sigma_bar).pow(2).mean()
 
 
 def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
-    """Mean CE over every next-token prediction within each sequence (EOT targets count)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+    """Mean CE over every next-token prediction within each sequence (EOT targets count). The last position has
+    no target: it is ignored rather than sliced off, so the (B, T, V) logits are never copied."""
+    targets = F.pad(idx[:, 1:], (0, 1), value=-100)  # (B, T), the last column ignored
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def _uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -126,6 +130,116 @@ def sigma_record(model: LNModel) -> dict[str, float | list[float]]:
     return out
 
 
+class Stepper:
+    """One optimizer step of a run, exactly as `train` runs it — the schedule's site states, forward and backward
+    over the micro-batches, the clip, AdamW, the σ̂ EMA — so that benchmarks/train_step.py times the real thing.
+
+    No host syncs inside the step: site states are Python-side flags set here at the step boundary (a buffer
+    write only when one changes), σ̂ statistics and the aux loss stay on the device, and the step's CE, aux loss
+    and grad norm come back in one read."""
+
+    def __init__(self, model: LNModel, cfg: TrainConfig, schedule: Schedule, *, mode: str = "lnfree",
+                 sigma: SigmaRule | None = None, world: distributed.World = distributed.SINGLE,
+                 device: torch.device | str = "cpu"):
+        self.model, self.cfg, self.schedule, self.mode, self.world = model, cfg, schedule, mode, world
+        self.sigma = sigma or SigmaRule()
+        self.device = torch.device(device)
+        self.n_micro = distributed.check_batch_layout(cfg.sequences_per_step(), cfg.micro_batch, world)
+        self.collect = mode == "lnfree" and self.sigma.collects
+        model.train()
+        model.gradient_checkpointing = cfg.activation_checkpointing
+        model.set_static_graph(cfg.compile)  # compiled: one graph for every site state
+        self.wrapped = distributed.wrap(model, world, self.device, cfg.compile)  # FSDP2 shards `model` in place
+        self.optimizer = make_optimizer(model, cfg, self.device)
+
+    def start(self) -> None:
+        """After calibration or a resume: σ̂ follows its rule from here, dropout as configured."""
+        if self.collect:  # "call": one σ̂ update per global micro-step
+            self.model.set_sigma_rule(self.sigma, micro_batches_per_step=self.n_micro)
+        self.model.set_dropout(self.cfg.dropout)
+
+    def begin(self, step: int) -> tuple[float, dict, list[str]]:
+        """Site states and lr of `step`: (lr, states, the sites that froze just now)."""
+        states = self.schedule.state_at(step) if self.mode == "lnfree" else {}
+        newly_frozen = apply_site_states(self.model, states) if states else []
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr, states, newly_frozen
+
+    def compute(self, step: int, batch: Tensor, before_read=None) -> tuple[float, float, float]:
+        """Forward and backward over this rank's micro-batches of one optimizer step, then the clip; returns the
+        global mean CE, mean aux loss and grad norm, read from the device once. `before_read` runs when the work is
+        queued and before that read (the next batch's prefetch overlaps the device's compute)."""
+        cfg, model, world, device = self.cfg, self.model, self.world, self.device
+        sums = torch.zeros(2, device=device)  # CE, aux — kept on device until the step's single read
+        for j, idx in enumerate(batch.split(cfg.micro_batch)):
+            # dropout masks belong to the global micro-batch, whichever rank runs it (and survive a resume)
+            torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
+            with distributed.gradient_sync(self.wrapped, world, last=j == self.n_micro - 1):
+                with model.collect_norm_stats() if self.collect else contextlib.nullcontext(), _autocast(cfg, device):
+                    if cfg.aux_weight > 0:
+                        logits, final_std = self.wrapped(idx, return_final_std=True)
+                        aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
+                    else:
+                        logits, aux = self.wrapped(idx), torch.zeros((), device=device)
+                    ce = next_token_loss(logits, idx)
+                ((ce + cfg.aux_weight * aux) / self.n_micro).backward()
+            sums += torch.stack([ce.detach(), aux.detach()])
+        distributed.all_reduce_sum_(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        if before_read is not None:
+            before_read()
+        values = torch.cat([sums / (self.n_micro * world.size), grad_norm.reshape(1).to(sums)]).tolist()
+        return values[0], values[1], values[2]
+
+    def finish(self) -> None:
+        """AdamW, then one EMA update of σ̂ at live sites from this step's training forwards ("step" rule)."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.collect and self.sigma.ema == "step":
+            self.model.ema_step(self.sigma.momentum)
+
+    def run(self, step: int, batch: Tensor) -> float:
+        """One whole step without the spike guard (what a benchmark times); returns the CE."""
+        self.begin(step)
+        loss, _, _ = self.compute(step, batch)
+        self.finish()
+        return loss
+
+
+class _Batches:
+    """Each step's rows of this rank on the device; the next step's read — and, on CUDA, copied through pinned
+    memory without blocking — while the device computes this one. A checkpoint saves the cursor as it was before
+    that read ahead, so a resume sees the batches an uninterrupted run would."""
+
+    def __init__(self, sampler: Sampler, seqs_per_step: int, rows: np.ndarray, device: torch.device):
+        self.sampler, self.n, self.rows, self.device = sampler, seqs_per_step, rows, device
+        self.ahead: Tensor | None = None
+        self.cursor = sampler.state_dict()
+
+    def _read(self) -> Tensor:
+        batch = self.sampler.gather(self.sampler.next_indices(self.n)[self.rows])
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def take(self) -> Tensor:
+        batch = self.ahead if self.ahead is not None else self._read()
+        self.ahead = None
+        self.cursor = self.sampler.state_dict()
+        return batch
+
+    def read_ahead(self) -> None:
+        self.ahead = self._read()
+
+    def state_dict(self) -> dict:
+        """The cursor after the batches taken so far (not the one read ahead)."""
+        return self.cursor
+
+
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
           sigma: SigmaRule | None = None, calibration_batches: list[Tensor] | None = None, resume: bool = False,
           mode: str = "lnfree", extra: dict | None = None, progress: bool = True,
@@ -146,14 +260,11 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     world, device = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.dist_timeout)
     check_reporters(report_to)
     seqs_per_step = cfg.sequences_per_step()
-    n_micro = distributed.check_batch_layout(seqs_per_step, cfg.micro_batch, world)  # on this rank
     main = world.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    model.train()
-    model.gradient_checkpointing = cfg.activation_checkpointing
-    wrapped = distributed.wrap(model, world, device, cfg.compile)  # FSDP2 shards `model` in place
-    optimizer = make_optimizer(model, cfg, device)
+    stepper = Stepper(model, cfg, schedule, mode=mode, sigma=sigma, world=world, device=device)
+    optimizer = stepper.optimizer
     history: list[float] = []
     start = 0
     ckpt = None
@@ -170,10 +281,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
             if not calibration_batches:
                 raise ValueError("an LN-removal run needs calibration batches to measure σ̂")
             calibrate(model, [b.to(device) for b in calibration_batches], sigma)
-    collect = mode == "lnfree" and sigma.collects
-    if collect:
-        model.set_sigma_rule(sigma, micro_batches_per_step=n_micro)  # "call": one σ̂ update per global micro-step
-    model.set_dropout(cfg.dropout)
+    stepper.start()
     run_info = {"mode": mode, "train": cfg.to_dict(), "schedule": schedule.to_dict(), **(extra or {})}
     if mode == "lnfree":
         run_info["sigma"] = sigma.to_dict()
@@ -181,28 +289,21 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
-    my_rows = world.rank_rows(seqs_per_step, cfg.micro_batch)
+    batches = _Batches(sampler, seqs_per_step, world.rank_rows(seqs_per_step, cfg.micro_batch), device)
     reporters = open_reporters(report_to, run_dir, start, run_info) if main else []
     bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress and main)
     t_start, loss_value, last_ckpt, step = time.time(), float("nan"), ckpt, start
     try:
         for step in range(start, schedule.total_steps):
             t0 = time.time()
-            states = schedule.state_at(step) if mode == "lnfree" else {}
-            newly_frozen = apply_site_states(model, states) if states else []
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler.gather(sampler.next_indices(seqs_per_step)[my_rows]).to(device, non_blocking=True)
-            loss_value, aux_value, grad_norm = _step(wrapped, model, batch, cfg, step, n_micro, collect, world, device)
+            done = step + 1 == schedule.total_steps
+            lr, states, newly_frozen = stepper.begin(step)
+            loss_value, aux_value, grad_norm = stepper.compute(step, batches.take(),
+                                                               before_read=None if done else batches.read_ahead)
             _guard(loss_value, history, cfg, step, last_ckpt)  # every rank sees the same global loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if collect and sigma.ema == "step":
-                model.ema_step(sigma.momentum)
+            stepper.finish()
             history = (history + [loss_value])[-50:]
             dt = time.time() - t0
-            done = step + 1 == schedule.total_steps
             validate = cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or done)
             val_loss = (validation_loss(model, val_batches, cfg, device)
                         if validate and (main or world.fsdp) else None)  # a sharded model's forwards are collective
@@ -220,7 +321,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                 _log(run_dir, record, reporters, bar)
             if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                 state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
-                                 data=sampler.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
+                                 data=batches.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
                                  family=model.family, history=history, extra={"mode": mode})
                 last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints,
                                             world=world)
@@ -235,32 +336,6 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     steps_run = schedule.total_steps - start
     return RunResult(steps_run=steps_run, final_loss=loss_value, tokens=steps_run * tokens_per_step,
                      wall_seconds=time.time() - t_start, model=whole_model(model, world))
-
-
-def _step(wrapped, model: LNModel, batch: Tensor, cfg: TrainConfig, step: int, n_micro: int, collect: bool,
-          world: distributed.World, device: torch.device) -> tuple[float, float, float]:
-    """Forward and backward over this rank's micro-batches of one optimizer step, then the clip; returns the global
-    mean CE, mean aux loss and grad norm (one host read)."""
-    sums = torch.zeros(2, device=device)  # CE, aux — kept on device until the step's single read
-    for j, idx in enumerate(batch.split(cfg.micro_batch)):
-        # dropout masks belong to the global micro-batch, whichever rank runs it (and survive a resume)
-        torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
-        with distributed.gradient_sync(wrapped, world, last=j == n_micro - 1):
-            with model.collect_norm_stats() if collect else contextlib.nullcontext(), _autocast(cfg, device):
-                if cfg.aux_weight > 0:
-                    logits, final_std = wrapped(idx, return_final_std=True)
-                    aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
-                else:
-                    logits, aux = wrapped(idx), torch.zeros((), device=device)
-                ce = next_token_loss(logits, idx)
-            ((ce + cfg.aux_weight * aux) / n_micro).backward()
-        sums += torch.stack([ce.detach(), aux.detach()])
-    distributed.all_reduce_sum_(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-        grad_norm = grad_norm.full_tensor()
-    ce_mean, aux_mean, norm = (*(sums / (n_micro * world.size)).tolist(), grad_norm.item())
-    return ce_mean, aux_mean, norm
 
 
 def _log(run_dir: Path, record: dict, reporters: list, bar: StepProgress) -> None:

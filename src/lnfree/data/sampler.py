@@ -131,8 +131,9 @@ class SequenceSampler:
 
         ctx = self.ctx
         tokens = self.cache.tokens
-        # Contiguous slices (one memcpy each) beat fancy indexing into the memmap for long sequences.
-        batch = np.stack([tokens[i * ctx : (i + 1) * ctx] for i in indices.tolist()]).astype(np.int64)
+        # The memmap viewed as (sequences, ctx): one row gather (a memcpy per row inside numpy, no Python loop).
+        rows = tokens[: tokens.shape[0] // ctx * ctx].reshape(-1, ctx)
+        batch = rows[np.asarray(indices, dtype=np.int64)].astype(np.int64)
         vocab = self.cache.manifest.get("vocab_size")
         if vocab is not None and batch.size and batch.max() >= vocab:
             raise DataSourceError(f"token cache {self.cache.path} holds id {int(batch.max())}, outside its "

@@ -45,7 +45,8 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
 def apply_site_states(model: LNModel, states: dict[str, SiteState]) -> list[str]:
     """Put each named site in its scheduled state; returns the names that froze just now.
 
-    A site's σ̂ stops following the EMA the moment it freezes: `NormSite.ema_step` skips frozen sites.
+    A site's σ̂ stops following the EMA the moment it freezes: `NormSite.ema_step` skips frozen sites. Called at
+    every step boundary; reads nothing from the device and writes only the sites whose state changes.
     """
     sites = model.norm_sites()
     unknown = sorted(set(states) - set(sites))
@@ -57,7 +58,5 @@ def apply_site_states(model: LNModel, states: dict[str, SiteState]) -> list[str]
         site = sites[name]
         if state.frozen and not site.is_frozen:
             newly_frozen.append(name)
-        site.frozen.fill_(state.frozen)
-        site.bos_weight.fill_(state.bos_weight)
-        site.eot_weight.fill_(state.eot_weight)
+        site.set_state(state.frozen, state.bos_weight, state.eot_weight)
     return newly_frozen

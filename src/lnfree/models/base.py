@@ -85,6 +85,13 @@ class LNModel(nn.Module):
             layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.paths))
                                    if per_call else None)
 
+    def set_static_graph(self, static: bool = True) -> None:
+        """Compute every norm site's divisor on the device whatever its state (`RemovableLayerNorm._forward_static`),
+        so that one compiled graph serves the whole removal: a site switch neither breaks nor recompiles it. The
+        training loop turns this on with `--compile`; eager runs keep the cheaper branch per state."""
+        for layer in self.norm_layers():
+            layer.static = static
+
     def run_block(self, block: nn.Module, *args: Any, cache: dict | None = None) -> Any:
         """Call a transformer block, recomputing it in backward when `gradient_checkpointing` is on (training
         forwards without an activation cache only). Families run every block through this."""
@@ -175,10 +182,8 @@ class LNModel(nn.Module):
         if eps < PUBLISHED_NOLN_MIN_EPS:
             return False
         for site in self.norm_sites().values():
-            site.frozen.fill_(True)
+            site.set_state(True, 0.0, 0.0)
             site.sigma.fill_(math.sqrt(eps))
-            site.bos_weight.fill_(0.0)
-            site.eot_weight.fill_(0.0)
         return True
 
     def normalising_sites(self) -> list[str]:

@@ -71,9 +71,10 @@ class Attention(nn.Module):
         if x_qk is x_v:  # one input: one matmul
             q, k, v = self.c_attn(x_qk).split(D, dim=-1)
         else:  # Q/K and V read different norm outputs: slice the packed weights, no duplicate work
-            w, b = self.c_attn.weight, self.c_attn.bias
-            q, k = F.linear(x_qk, w[: 2 * D], b[: 2 * D]).split(D, dim=-1)
-            v = F.linear(x_v, w[2 * D :], b[2 * D :])
+            # (split, not slicing: its backward writes both parts of the gradient at once, no zero-filled copies)
+            (w_qk, w_v), (b_qk, b_v) = self.c_attn.weight.split([2 * D, D]), self.c_attn.bias.split([2 * D, D])
+            q, k = F.linear(x_qk, w_qk, b_qk).split(D, dim=-1)
+            v = F.linear(x_v, w_v, b_v)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)
         return causal_attention(q, k, v, self.dropout_p if self.training else 0.0, cache, prefix)
 
