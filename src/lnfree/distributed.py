@@ -175,9 +175,14 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def spans_ranks() -> bool:
+    """Whether this process is one of several in a process group (collectives have work to do)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (nothing in one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if spans_ranks():
         dist.all_reduce(tensor)
     return tensor
 

@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from ..models.base import LNModel
 from .schedule import SiteState
 from .sigma import SigmaRule
@@ -31,7 +31,8 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
     model.eval()
     # In a distributed run rank r measures batches r, r + W, …; a rank left without one in the last round runs
     # an unmeasured forward, since a sharded model's forwards are collective. The sums meet in ema_step.
-    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    world = distributed.current()
+    rank, size = world.rank, world.size
     for first in range(0, len(batches), size):
         mine = first + rank
         with model.collect_norm_stats() if mine < len(batches) else contextlib.nullcontext():

@@ -29,9 +29,9 @@ graph is the same before and after every switch: no graph break and no recompile
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import all_reduce_sum_, spans_ranks
 from .sigma import SigmaRule
 
 # Index of each statistic in a site's accumulators: main (the common σ̂), position 0, EOT positions.
@@ -188,10 +188,9 @@ def reduce_across_ranks(sites: list[NormSite]) -> None:
 
 def sum_across_ranks(tensors: list[Tensor]) -> None:
     """All-reduce (sum) `tensors` in place, in one collective; nothing in one process."""
-    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not tensors or not spans_ranks():
         return
-    flat = torch.cat([b.reshape(-1) for b in tensors])
-    dist.all_reduce(flat)
+    flat = all_reduce_sum_(torch.cat([b.reshape(-1) for b in tensors]))
     offset = 0
     for b in tensors:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
