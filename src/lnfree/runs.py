@@ -87,7 +87,9 @@ def token_need(cfg: TrainConfig) -> int:
 def _token_stream(data: str, tokenizer, cfg: TrainConfig, cache_root: Path | None, progress: bool,
                   sample: bool = True):
     """(token cache, sequence window): a sampled cache covering the run's need, read in its first `window`
-    sequences — or the whole split (`full_cache`, pretraining), window None."""
+    sequences — or the whole split (`full_cache`, pretraining), window None. A step that cannot be laid out (batch
+    vs micro-batch, or over this many processes) is refused before anything is read."""
+    distributed.check_batch_layout(cfg.sequences_per_step(), cfg.micro_batch, distributed.current())
     if sample and not cfg.full_cache:
         need = token_need(cfg)
         cache = build_token_cache(data, tokenizer, split="train", cache_root=cache_root, progress=progress,
