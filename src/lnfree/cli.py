@@ -55,6 +55,10 @@ def _flag_kwargs(f) -> dict:
         from .config import DTYPES
 
         return {"choices": DTYPES}
+    if f.name == "aux_kind":
+        from .method.aux import AUX_KINDS
+
+        return {"choices": AUX_KINDS}
     return {"type": {"int": int, "float": float, "str": str, "int | None": int}[kind]}
 
 

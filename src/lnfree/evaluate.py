@@ -165,6 +165,7 @@ def evaluate_ce(model: nn.Module, batches: Iterable[Tensor], *, dtype: str = "fp
     was_training = model.training
     model.eval()
     losses: list[Tensor] = []
+    inputs: list[Tensor] = []  # kept (token ids only) to trace a non-finite loss to its norm site afterwards
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # for the progress readout only
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
@@ -175,6 +176,7 @@ def evaluate_ce(model: nn.Module, batches: Iterable[Tensor], *, dtype: str = "fp
             idx = idx.to(device, non_blocking=True)
             logits = _forward(model, idx, dtype)
             losses.append(token_cross_entropy(logits, idx))
+            inputs.append(idx)
             loss_sum += losses[-1].sum(dtype=torch.float64)
             if reference is not None:
                 kl_sum += token_kl(_forward(reference, idx, dtype), logits).sum(dtype=torch.float64)
@@ -194,8 +196,23 @@ def evaluate_ce(model: nn.Module, batches: Iterable[Tensor], *, dtype: str = "fp
     if keep_token_losses:
         stats.token_losses = token_losses
     if not math.isfinite(stats.mean):
-        warnings.warn(f"{desc}: mean CE is not finite (max per-token loss {stats.max})", stacklevel=2)
+        warnings.warn(f"{desc}: mean CE is not finite (max per-token loss {stats.max}){_nonfinite_cause(model, losses, inputs, dtype)}",
+                      stacklevel=2)
     return stats
+
+
+def _nonfinite_cause(model: nn.Module, losses: list[Tensor], inputs: list[Tensor], dtype: str) -> str:
+    """'; <the first norm site that overflowed>' on the first batch with a non-finite loss, for a norm model."""
+    from .models.base import LNModel
+
+    if not isinstance(model, LNModel):
+        return ""
+    from .method.diagnose import first_nonfinite_site
+
+    bad = next(i for i, x in enumerate(losses) if not torch.isfinite(x).all())
+    autocast = torch.autocast(inputs[bad].device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
+    cause = first_nonfinite_site(model, inputs[bad], autocast)
+    return f"; {cause}" if cause else ""
 
 
 # ---- datasets and models by name --------------------------------------------------------------------------

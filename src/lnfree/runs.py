@@ -216,6 +216,8 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
              "data_window_sequences": window}
     if val:
         extra["eval_data"] = eval_data or data
+    if where.gguf:
+        extra["model_gguf"] = where.gguf
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
                    resume=resume, mode=mode, extra=extra, progress=progress, val_batches=val, report_to=report_to)
     if world.is_main:

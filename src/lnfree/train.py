@@ -29,6 +29,7 @@ from torch import Tensor
 from . import distributed
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import DTYPES, TrainConfig
+from .method.aux import AUX_KINDS, aux_std_loss
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
 from .method.sigma import SigmaRule
@@ -80,18 +81,6 @@ def make_optimizer(model: LNModel, cfg: TrainConfig, device: torch.device) -> to
     groups = [{"params": [p for p in params if decayed(p)], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type in ("cuda", "cpu"))
-
-
-def aux_std_loss(final_std: Tensor, eot_mask: Tensor | None) -> Tensor:
-    """Baroni et al. 2025: mean over tokens of (σ_t − σ̄)², σ_t the per-token std of the ln_final input and
-    σ̄ its mean over positions other than 0 and EOT, held fixed (no gradient through σ̄)."""
-    regular = torch.ones_like(final_std, dtype=torch.bool)
-    regular[:, 0] = False
-    if eot_mask is not None:
-        regular &= ~eot_mask
-    weights = regular.to(final_std.dtype)  # a masked mean: no data-dependent shape, nothing read back
-    sigma_bar = (final_std.detach() * weights).sum() / weights.sum()
-    return (final_std - sigma_bar).pow(2).mean()
 
 
 def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
@@ -178,9 +167,13 @@ class Stepper:
             torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
             with distributed.gradient_sync(self.wrapped, world, last=j == self.n_micro - 1):
                 with model.collect_norm_stats() if self.collect else contextlib.nullcontext(), _autocast(cfg, device):
-                    if cfg.aux_weight > 0:
+                    if cfg.aux_weight > 0 and cfg.aux_kind == "sites":
+                        with model.uniformity_terms() as terms:
+                            logits = self.wrapped(idx)
+                        aux = torch.stack(terms).mean()
+                    elif cfg.aux_weight > 0:
                         logits, final_std = self.wrapped(idx, return_final_std=True)
-                        aux = aux_std_loss(final_std.float(), model.eot_mask(idx))
+                        aux = aux_std_loss(final_std.float(), model.eot_mask(idx), cfg.aux_kind)
                     else:
                         logits, aux = self.wrapped(idx), torch.zeros((), device=device)
                     ce = next_token_loss(logits, idx)
@@ -255,6 +248,8 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     run_dir = Path(run_dir)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.aux_kind not in AUX_KINDS:
+        raise ValueError(f"--aux-kind {cfg.aux_kind!r} is not one of {', '.join(AUX_KINDS)}")
     if cfg.eval_every and not val_batches:
         raise ValueError("--eval-every needs validation data; pass val batches (the run's val split)")
     world, device = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.dist_timeout)
@@ -298,9 +293,12 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
             t0 = time.time()
             done = step + 1 == schedule.total_steps
             lr, states, newly_frozen = stepper.begin(step)
-            loss_value, aux_value, grad_norm = stepper.compute(step, batches.take(),
+            batch = batches.take()
+            loss_value, aux_value, grad_norm = stepper.compute(step, batch,
                                                                before_read=None if done else batches.read_ahead)
-            _guard(loss_value, history, cfg, step, last_ckpt)  # every rank sees the same global loss
+            # every rank sees the same global loss; a non-finite one is traced to its site
+            _guard(loss_value, history, cfg, step, last_ckpt,
+                   _where_nonfinite(model, batch[: cfg.micro_batch], cfg, device, world, loss_value))
             stepper.finish()
             history = (history + [loss_value])[-50:]
             dt = time.time() - t0
@@ -353,13 +351,29 @@ def _log(run_dir: Path, record: dict, reporters: list, bar: StepProgress) -> Non
     bar.update(record["step"], shown)
 
 
-def _guard(loss: float, history: list[float], cfg: TrainConfig, step: int, last_ckpt: Path | None) -> None:
-    """Stop before the optimizer applies a non-finite or spiking step; the last checkpoint stays as it was."""
+def _where_nonfinite(model: LNModel, idx: Tensor, cfg: TrainConfig, device: torch.device,
+                     world: distributed.World, loss: float) -> str | None:
+    """After a non-finite loss: the first norm site whose output overflowed on this rank's first micro-batch (not
+    under FSDP2, whose forwards are collective); None for a finite loss."""
+    if math.isfinite(loss) or world.fsdp:
+        return None
+    from .method.diagnose import first_nonfinite_site
+
+    return first_nonfinite_site(model, idx, _autocast(cfg, device))
+
+
+def _guard(loss: float, history: list[float], cfg: TrainConfig, step: int, last_ckpt: Path | None,
+           cause: str | None = None) -> None:
+    """Stop before the optimizer applies a non-finite or spiking step; the last checkpoint stays as it was. `cause`
+    names the site where a non-finite forward overflowed."""
     bad = not math.isfinite(loss)
     if not bad and len(history) >= 10:
         bad = loss > cfg.spike_factor * statistics.median(history)
     if bad:
         where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+        if cause:
+            raise TrainingDiverged(f"step {step}: loss {loss:.4g} is not finite: {cause}; stopped ({where}); a "
+                                   "gentler preset (more steps per freeze, the position-0 special) or a lower --lr")
         raise TrainingDiverged(f"step {step}: loss {loss:.4g} is not finite or > {cfg.spike_factor}× the recent "
                                f"median; stopped ({where}); resume with a lower --lr or a gentler preset")
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, spans_ranks
+from .aux import log_uniformity
 from .sigma import SigmaRule
 
 # Index of each statistic in a site's accumulators: main (the common σ̂), position 0, EOT positions.
@@ -220,6 +221,7 @@ class RemovableLayerNorm(nn.Module):
         self.rule = SigmaRule()  # set with the run by `LNModel.set_sigma_rule`
         self.call_momentum: float | None = None  # "call" rule: σ̂ moves inside forward with this retention
         self.static = False  # one graph for every site state (torch.compile): `LNModel.set_static_graph`
+        self.uniformity: list[Tensor] | None = None  # "sites" aux loss: each forward appends its term here
 
     def tracked_sites(self) -> list[NormSite]:
         """The sites whose σ̂ still follows the input: the live ones — or, when the paths share σ̂ ("norm"
@@ -273,6 +275,8 @@ class RemovableLayerNorm(nn.Module):
     def forward(self, x: Tensor, eot_mask: Tensor | None = None) -> list[Tensor]:
         """x: (B, T, D) → one (B, T, D) output per path."""
         tracked = (list(self.sites) if self.static else self.tracked_sites()) if self.collecting else []
+        if self.uniformity is not None:  # the "sites" auxiliary loss reads every norm's input std, with its gradient
+            self.uniformity.append(log_uniformity(self.input_std(x), eot_mask))
         if self.static:
             return self._forward_static(x, eot_mask, tracked)
         if tracked:  # before any output: the per-call rule moves σ̂ first

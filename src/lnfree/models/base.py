@@ -76,6 +76,23 @@ class LNModel(nn.Module):
             for layer in layers:
                 layer.collecting = False
 
+    @contextlib.contextmanager
+    def uniformity_terms(self) -> Iterator[list[Tensor]]:
+        """The "sites" auxiliary loss (method/aux.py): every norm's log-uniformity term of the forwards run inside
+        this block, in one list (with their gradients)."""
+        if self.gradient_checkpointing:
+            raise ValueError("--aux-kind sites cannot be combined with --activation-checkpointing (a recomputed block "
+                             "would measure its norms twice); use --aux-kind relative, or no checkpointing")
+        terms: list[Tensor] = []
+        layers = self.norm_layers()
+        for layer in layers:
+            layer.uniformity = terms
+        try:
+            yield terms
+        finally:
+            for layer in layers:
+                layer.uniformity = None
+
     def set_sigma_rule(self, rule: SigmaRule, micro_batches_per_step: int | None = None) -> None:
         """How σ̂ is measured and followed (method/sigma.py). With `micro_batches_per_step`, a "call" rule
         moves σ̂ inside every training forward; without, statistics wait for `ema_step` (calibration)."""

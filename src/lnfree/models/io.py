@@ -48,11 +48,22 @@ class ModelSource:
     model_dir: Path | None
     run_dir: Path | None  # the `lnfree remove` / `pretrain` run folder it belongs to, if any
     checkpoint: Path | None = None
+    gguf: dict | None = None  # a GGUF source: its file name, sha256 and size (model_dir is its dequantized folder)
 
 
 def resolve_source(source: str | os.PathLike, *, unfinished_runs: bool = False) -> ModelSource:
     """The one model-source resolver: a checkpoint folder, a run folder (its final/; with `unfinished_runs`,
-    its newest checkpoint when there is no final/ yet), or a hub id fetched into the local hub cache."""
+    its newest checkpoint when there is no final/ yet), a GGUF file (or a folder holding one, or a named GGUF source
+    such as `smollm2-135m`) dequantized once into a cached folder, or a hub id fetched into the local hub cache."""
+    from . import gguf
+
+    if str(source) in gguf.NAMED_SOURCES:
+        source_file = gguf.named_gguf(str(source))
+    else:
+        source_file = gguf.gguf_file_in(Path(source).expanduser())
+    if source_file is not None:
+        made = gguf.dequantized(source_file)
+        return ModelSource(str(source), made.model_dir, None, gguf=made.record())
     path = Path(source).expanduser()
     if (path / "final" / "config.json").is_file():
         return ModelSource(str(source), path / "final", path)
@@ -159,6 +170,17 @@ def save_model(model: LNModel, out_dir: str | os.PathLike, tokenizer_from: str |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def share_like_umask(folder: Path) -> None:
+    """Give a folder written through a private temporary directory (mkdtemp: 0700; safetensors: 0600) the
+    permissions the user's umask gives new files, as every other tool's output has, so that colleagues on a shared
+    filesystem can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:
