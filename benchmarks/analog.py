@@ -22,7 +22,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lnfree.data import SequenceSampler, build_token_cache
-from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, val_ce
+from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, shipped_analog, val_ce
 from lnfree.models import load_model
 from lnfree.recipes import PRESETS, get_recipe
 from lnfree.runs import removal_plan, run_removal
@@ -70,21 +70,24 @@ def main() -> None:
     ap.add_argument("--ft-fraction", type=float, default=0.05)
     ap.add_argument("--lr-scale", type=float, default=0.5, help="analog fine-tuning lr / GPT-2's (3e-4 / 6e-4)")
     ap.add_argument("--hard", action="store_true", help="the analog with a planted position-0 writer")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="training dtype (bf16: autocast, also on "
+                    "CPU); evaluation is fp32 either way")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="analog-bench-")))
     args = ap.parse_args()
 
     cfg = DemoConfig(ft_fraction=args.ft_fraction, pos0_writer=40.0 if args.hard else 0.0)
     cache = demo_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    tok_dir = prepare_tokenizer(cfg, cache)
-    original = prepare_pretrained(cfg, tok_dir, cache, cache / "tokens")
+    shipped = shipped_analog(cfg)  # the packaged analog when it is this one (no 12-minute pretraining)
+    tok_dir = shipped or prepare_tokenizer(cfg, cache)
+    original = shipped or prepare_pretrained(cfg, tok_dir, cache, cache / "tokens")
     val_cache = build_token_cache("stdlib", load_tokenizer(tok_dir), split="val", cache_root=cache / "tokens",
                                   progress=False)
     val = list(SequenceSampler(val_cache, cfg.ctx, shuffle=False).iter_batches(cfg.eval_batch))
     ce_original = val_ce(load_model(original), val, "original")["mean"]
     n_layer, steps = cfg.n_layer, cfg.ft_steps()
     budget = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
-              "ctx": cfg.ctx}
+              "ctx": cfg.ctx, "dtype": args.dtype}
     ce: dict[str, list[float]] = {m: [] for m in args.methods}
     controls: dict[str, list[float]] = {m: [] for m in args.methods}
     t0 = time.time()
@@ -111,7 +114,7 @@ def main() -> None:
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     print(f"\n{'hard' if args.hard else 'plain'} analog; original val CE {ce_original:.4f}; fine-tuning {steps} "
           f"steps × {cfg.pretrain.batch_tokens} tokens ({args.ft_fraction:.0%} of pretraining); lr × {args.lr_scale};"
-          f" seeds {args.seeds}; {time.time() - t0:.0f}s\n")
+          f" seeds {args.seeds}; training {args.dtype}; {time.time() - t0:.0f}s\n")
     print("| preset | LN-free val CE | its vanilla control | LN-free − vanilla |\n|---|---|---|---|")
     for name in args.methods:
         gaps = [a - b for a, b in zip(ce[name], controls[name], strict=True)]
@@ -121,7 +124,7 @@ def main() -> None:
               f"{statistics.mean(gaps):+.4f} ± {sd(gaps):.4f} |")
     (args.out / "analog_bench.json").write_text(json.dumps(
         {"ce": ce, "controls": controls, "original": ce_original, "hard": args.hard, "seeds": args.seeds,
-         "steps": steps, "lr_scale": args.lr_scale}, indent=1))
+         "steps": steps, "lr_scale": args.lr_scale, "dtype": args.dtype}, indent=1))
 
 
 if __name__ == "__main__":

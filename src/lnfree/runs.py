@@ -22,7 +22,7 @@ from .models import save_model
 from .models.base import LNModel
 from .models.io import load_source
 from .plots import plot_with_siblings
-from .recipes import describe_training, get_recipe, recipe_schedule
+from .recipes import PAPER_FAMILY, default_preset, describe_training, for_family, get_recipe, recipe_schedule
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 from .train import RunResult, train
 
@@ -38,14 +38,16 @@ class RemovalPlan:
     sigma: SigmaRule
     schedule: Schedule
     preset: str
+    notes: tuple[str, ...] = ()  # what the preset became on this model (recipes.for_family)
 
 
-def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict) -> RemovalPlan:
+def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict, family: str = PAPER_FAMILY
+                 ) -> RemovalPlan:
     """The preset over a model's sites (or the standard layout of that many blocks) with command-line overrides.
     A run of another length than the preset's (`steps`, or another depth) stretches the schedule, the warmup
     and the lr decay horizon alike, unless the warmup or horizon is given explicitly."""
     layout = standard_layout(layout) if isinstance(layout, int) else layout
-    recipe = get_recipe(preset, layout_depth(layout))
+    recipe, notes = for_family(get_recipe(preset, layout_depth(layout)), preset, family, layout_depth(layout))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("steps", 1) < 1:
         raise ValueError(f"--steps must be at least 1, got {overrides['steps']}")
@@ -57,7 +59,7 @@ def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict) -> 
                       decay_steps=None if cfg.decay_steps is None else round(cfg.decay_steps * stretch))
     sigma = replace(recipe.sigma, **{SIGMA_OVERRIDES[k]: v for k, v in overrides.items() if k in SIGMA_OVERRIDES})
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if k not in SIGMA_OVERRIDES})
-    return RemovalPlan(replace(cfg, steps=schedule.total_steps), sigma, schedule, recipe.name)
+    return RemovalPlan(replace(cfg, steps=schedule.total_steps), sigma, schedule, recipe.name, notes)
 
 
 def _check_vocab(model: LNModel, tokenizer, where: str) -> None:
@@ -181,7 +183,7 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
-    plan = removal_plan(model.site_layout(), preset or "baroni2025", overrides)
+    plan = removal_plan(model.site_layout(), preset or default_preset(model.family), overrides, model.family)
     cfg, sigma, schedule = plan.train, plan.sigma, plan.schedule
     mode = "control" if control else "lnfree"
     if resume:  # continue exactly what was started, and refuse a command line that would change it
@@ -198,6 +200,8 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     if show_plan and not control:
         print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
         print(f"# {describe_training(cfg, sigma)}")
+        for note in plan.notes:
+            print(f"# note: {note}")
         if world.active:
             per_rank = cfg.sequences_per_step() // (cfg.micro_batch * world.size)
             print(f"# {world.size} processes ({'FSDP2' if world.fsdp else 'DDP'}): {per_rank} micro-batch(es) of "

@@ -54,6 +54,8 @@ from ..models.io import FAMILIES
 __all__ = ["COMPAT_EPS", "HeadNotTiedError", "to_compat_hf", "untie_head"]
 
 
-def to_compat_hf(model: LNModel, eps: float = COMPAT_EPS) -> Any:
-    """A folded model → its family's stock transformers class in the eps=1e12 convention (fp32, eval)."""
-    return FAMILIES[model.family].hf().to_compat_hf(model, eps)
+def to_compat_hf(model: LNModel, eps: float | None = None) -> Any:
+    """A folded model → its family's stock transformers class in the large-eps convention (fp32, eval): GPT-2's
+    published eps = 1e12 (`COMPAT_EPS`), or the family's own default (`WIDE_COMPAT_EPS` beyond GPT-2)."""
+    family = FAMILIES[model.family].hf()
+    return family.to_compat_hf(model) if eps is None else family.to_compat_hf(model, eps)

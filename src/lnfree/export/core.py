@@ -39,6 +39,21 @@ FORMATS = ("hf", "hf-compat")
 # hf-compat carries the eps=1e12 convention's relative error of var/(2·eps) per LN (1.2e-5 measured on a
 # GPT-2-small shape). Each gate leaves a margin of ~10^4 and ~10 over those.
 PARITY_TOL = {"hf": 1e-8, "hf-compat": 1e-4}
+# hf-compat's differences are fp32 roundings of rescaled gains (a kept tied head's per-channel gain, sqrt(eps)·γ/σ̂):
+# relative to the logits' size, ~1e-7. A real model's logits reach hundreds where GPT-2-small's stay near 20
+# (SmolLM2-135M's first two blocks, folded: 900 at position 0, 6e-5 off), so the hf-compat gate grows with them.
+COMPAT_REL_TOL = 1e-6
+
+
+def parity_tolerance(fmt: str, reference: LNModel) -> float:
+    """The gate on a reloaded export of `reference`: `PARITY_TOL`, for hf-compat at least `COMPAT_REL_TOL` × the
+    reference's largest |logit| on the parity batches."""
+    if fmt != "hf-compat":
+        return PARITY_TOL[fmt]
+    with torch.no_grad():
+        ref = copy.deepcopy(reference).double().eval()
+        scale = max(ref(idx).abs().max().item() for idx in sample_batches(reference))
+    return max(PARITY_TOL[fmt], COMPAT_REL_TOL * scale)
 
 
 class ParityError(ValueError):
@@ -63,6 +78,7 @@ class ExportResult:
     format: str
     parity: dict[str, float] = field(default_factory=dict)  # reload route → max-abs logit error (float64: the gate)
     parity_fp32: dict[str, float] = field(default_factory=dict)  # the same in float32 (information)
+    gate: float = 0.0  # what the float64 errors had to stay within (`parity_tolerance`)
 
     @property
     def max_abs(self) -> float:
@@ -244,14 +260,14 @@ def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt
         if src.model_dir is not None and any((src.model_dir / n).is_file() for n in TOKENIZER_FILES):
             copy_tokenizer_files(src.model_dir, tmp)
         parity, parity_fp32 = reload_parity(tmp, fmt, src.model)
-        worst = max(parity.values())
-        if not worst <= PARITY_TOL[fmt]:
+        worst, gate = max(parity.values()), parity_tolerance(fmt, src.model)
+        if not worst <= gate:
             routes = ", ".join(f"{k} {v:.2e}" for k, v in parity.items())
             hint = "; the eps=1e12 convention is exact only up to var/2e12 per LN: use --format hf" \
                 if fmt == "hf-compat" else ""
             raise ParityError(f"{fmt} export failed its parity check: max-abs logit error {worst:.2e} > "
-                              f"{PARITY_TOL[fmt]:.0e} ({routes}); nothing written{hint}")
-        result = ExportResult(out, fmt, parity, parity_fp32)
+                              f"{gate:.1e} ({routes}); nothing written{hint}")
+        result = ExportResult(out, fmt, parity, parity_fp32, gate)
         if card:
             from .card import write_card
 

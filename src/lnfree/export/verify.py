@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..models.base import LNModel
 from ..models.io import load_source
-from .core import FORMATS, PARITY_TOL, as_norm_free, reload_parity, sample_batches, write_format
+from .core import FORMATS, as_norm_free, parity_tolerance, reload_parity, sample_batches, write_format
 
 DLA_REL_TOL = 1e-4  # Σ|DLA − DE| / Σ|DE|; float rounding of a norm-free model gives ~1e-7
 DLA_ABS_TOL = 1e-8  # max-abs logits missed by the linear decomposition, in float64 (measured ~1e-14)
@@ -51,6 +51,7 @@ class VerifyReport:
     dla_max_abs_error: float
     dla_relative_error: float
     exports: dict[str, float | str] = field(default_factory=dict)  # format → max-abs error, or why not run
+    export_gates: dict[str, float] = field(default_factory=dict)  # format → the error it must stay within
 
     @property
     def failures(self) -> list[str]:
@@ -64,8 +65,8 @@ class VerifyReport:
                        f"{100 * self.dla_relative_error:.1f}% (relative), and the linear decomposition misses the "
                        f"logits by up to {self.dla_max_abs_error:.3g}")
         for fmt, value in self.exports.items():
-            if isinstance(value, float) and not value <= PARITY_TOL[fmt]:
-                out.append(f"{fmt} export parity {value:.2e} > {PARITY_TOL[fmt]:.0e}")
+            if isinstance(value, float) and not value <= self.export_gates[fmt]:
+                out.append(f"{fmt} export parity {value:.2e} > {self.export_gates[fmt]:.1e}")
             elif isinstance(value, str) and value.startswith("error"):
                 out.append(f"{fmt} export {value}")
         return out
@@ -141,11 +142,12 @@ def dla_errors(model: LNModel, batches: list[Tensor]) -> tuple[float, float]:
 
 
 # ---- (c) exports ----------------------------------------------------------------------------------------------
-def export_parity(model: LNModel) -> dict[str, float | str]:
-    """Write every format into a temporary folder, reload it, return max-abs logit errors (or why not)."""
+def export_parity(model: LNModel) -> tuple[dict[str, float | str], dict[str, float]]:
+    """Write every format into a temporary folder, reload it: (max-abs logit errors (or why not), their gates)."""
     from .compat import HeadNotTiedError
 
     out: dict[str, float | str] = {}
+    gates = {fmt: parity_tolerance(fmt, model) for fmt in FORMATS}
     with tempfile.TemporaryDirectory(prefix="lnfree-verify-") as tmp:
         for fmt in FORMATS:
             folder = Path(tmp) / fmt
@@ -156,7 +158,7 @@ def export_parity(model: LNModel) -> dict[str, float | str]:
                 out[fmt] = f"unsupported: {str(e).split(';')[0]}"
             except Exception as e:  # a broken export is a verification failure, reported in one line
                 out[fmt] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return out
+    return out, gates
 
 
 def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
@@ -175,5 +177,8 @@ def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
     report = VerifyReport(str(name), normalization_modules(model), sites, max_abs,
                           rel if math.isfinite(rel) else float("inf"))
     if exports:
-        report.exports = export_parity(model) if not sites else {f: "skipped: live normalization" for f in FORMATS}
+        if sites:
+            report.exports = {f: "skipped: live normalization" for f in FORMATS}
+        else:
+            report.exports, report.export_gates = export_parity(model)
     return report

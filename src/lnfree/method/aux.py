@@ -6,9 +6,10 @@ position 0, not EOT positions), held fixed (no gradient through σ̄). Three for
     with the square of the residual scale, so a weight chosen for GPT-2 means something else on another model
     (SmolLM2-135M: 298 at step 0, against CE 2).
   * "relative" — the same divided by σ̄²: mean of (σ_t/σ̄ − 1)², scale-free; equal to "baroni" / σ̄².
-  * "sites"    — ours: mean of log²(σ_t/σ̄) at the input of every norm (each input once, whatever its paths),
-    averaged over the norms. Scale-free and bounded for outliers (a 170× position-0 std costs log² 170 ≈ 26 per
-    token, not 170²), and it reaches the early blocks, where a real model's per-token std varies most.
+  * "sites"    — ours: mean of log²(σ_t/σ̄) (σ̄ here the geometric mean) at the input of every norm (each input
+    once, whatever its paths), averaged over the norms. Scale-free and bounded for outliers (a 170× position-0
+    std costs log² 170 ≈ 26 per token, not 170²), and it reaches the early blocks, where a real model's per-token
+    std varies most.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def aux_std_loss(final_std: Tensor, eot_mask: Tensor | None, kind: str = "baroni
 
 
 def log_uniformity(std: Tensor, eot_mask: Tensor | None) -> Tensor:
-    """One norm's term of the "sites" form: mean over tokens (and heads) of log²(σ_t / σ̄)."""
-    std = std.float()
-    return (std / _sigma_bar(std, eot_mask)).log().pow(2).mean()
+    """One norm's term of the "sites" form: mean over tokens (and heads) of log²(σ_t / σ̄), σ̄ the geometric mean
+    over regular positions (a handful of exploding tokens must not move the reference every other token is held
+    to)."""
+    log_std = std.float().log()
+    weights = regular_positions(log_std, eot_mask)
+    log_bar = (log_std.detach() * weights).sum((0, 1)) / weights.sum((0, 1)).clamp(min=1)
+    return (log_std - log_bar).pow(2).mean()

@@ -4,7 +4,10 @@ The two papers' codes differ here more than anywhere else, so every difference i
 
 * statistic — what one σ̂ value summarises over tokens: "mean_std", the mean per-token std (Baroni et al.'s
   EMA), or "rms_std", sqrt of the mean per-token variance: the pooled std over tokens of the 2024 code's
-  precomputed `std_dicts` (their per-token means are ~0 in TransformerLens' centred residual stream).
+  precomputed `std_dicts` (their per-token means are ~0 in TransformerLens' centred residual stream), or
+  "geo_std", the geometric mean exp(mean log std) (ours): a few tokens 10⁴× above the rest (a real model's
+  massive activations while it adapts) move it by a percent where they would move the mean by orders of
+  magnitude and leave every ordinary token crushed by the σ̂ they inflated.
 * positions — which positions the common σ̂ is measured on: "apart", all but position 0 and EOT positions
   (those are measured into their own special σ̂); "after_bos", all but position 0 (the 2024 code's
   `std_dicts`: positions 1:, EOT tokens included); "pooled", every position (the 2025 code). Position 0's and
@@ -20,6 +23,13 @@ The two papers' codes differ here more than anywhere else, so every difference i
   moves while any of them is live (the 2025 code keeps one buffer per LayerNorm: its frozen Q/K path keeps
   following the EMA until the V path freezes).
 * eot_sigma — the EOT special's σ̂: "eot", measured at EOT positions; "bos", position 0's (the 2024 code).
+* special — what a frozen site's position-0 special (`bos_weight`) means: "position", position 0 divides by
+  its own σ̂ (both papers); "outlier" (ours), any token whose std is above `outlier_factor` × σ̂ is divided by
+  its std / `outlier_factor` instead — a live norm for outliers only (k = 1: their live output), whoever they
+  are: a real model writes massive activations at position 0 and at its first delimiter tokens (SmolLM2-135M:
+  a space at position 1, 10× the median in block 2, 600× through one frozen SwiGLU), which a position rule
+  misses. Eased out like the
+  position special (weight w: divisor σ̂ · max(1, std/(k·σ̂))^w), so the final model divides by σ̂ alone.
 Training forwards only, in every rule: never evaluation forwards or activation-checkpoint recomputes (the
 2025 code also updated its EMA during the Trainer's evaluations — a bug we do not copy).
 """
@@ -28,7 +38,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-_CHOICES = {"statistic": ("mean_std", "rms_std"), "positions": ("apart", "after_bos", "pooled"),
+_CHOICES = {"statistic": ("mean_std", "rms_std", "geo_std"), "special": ("position", "outlier"),
+            "positions": ("apart", "after_bos", "pooled"),
             "ema": ("none", "step", "call"), "tracking": ("site", "norm"), "eot_sigma": ("eot", "bos")}
 
 
@@ -44,6 +55,10 @@ class SigmaRule:
     """"call": how often one forward reads the V path (2025 code: 2)."""
     tracking: str = "site"
     eot_sigma: str = "eot"
+    special: str = "position"
+    outlier_factor: float = 1.0
+    """"outlier" special: tokens whose std exceeds this multiple k of σ̂ are divided by std / k (k = 1: they keep
+    their live output)."""
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -51,6 +66,8 @@ class SigmaRule:
                 raise ValueError(f"sigma rule {name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {self.momentum}")
+        if self.outlier_factor < 1.0:
+            raise ValueError(f"outlier_factor must be at least 1, got {self.outlier_factor}")
 
     @property
     def collects(self) -> bool:
@@ -72,3 +89,8 @@ class SigmaRule:
     @classmethod
     def from_dict(cls, d: dict) -> SigmaRule:
         return cls(**d)
+
+    @property
+    def logs(self) -> bool:
+        """Whether statistics are sums of log std ("geo_std")."""
+        return self.statistic == "geo_std"

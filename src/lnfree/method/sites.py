@@ -106,10 +106,11 @@ class NormSite(nn.Module):
         frozen, bos, eot = self.flags
         return not frozen or bos or eot
 
-    def frozen_divisor(self, batch: int, seq: int, eot_mask: Tensor | None) -> Tensor:
+    def frozen_divisor(self, batch: int, seq: int, eot_mask: Tensor | None, position0: bool = True) -> Tensor:
         """σ̂ to divide (B, T, [H,] D) by: a scalar (per head: (H, 1)), or (B, T, [H,] 1) while position-0 / EOT
-        specials are still weighted in."""
+        specials are still weighted in (`position0` False: the position-0 special is not a position's)."""
         _, use_bos, use_eot = self.flags
+        use_bos = use_bos and position0
         use_eot = use_eot and eot_mask is not None
         if not (use_eot or use_bos):
             sigma = self.sigma
@@ -147,7 +148,8 @@ class NormSite(nn.Module):
         never moves it. Decided on the device: nothing is read back."""
         total, squares, n = sums if sums is not None else (self.stat_sums, self.stat_squares, self.stat_counts)
         n = n.view(3, *([1] * self.sigma.dim()))
-        value = total / n.clamp(min=1) if statistic == "mean_std" else (squares / n.clamp(min=1)).sqrt()
+        mean = total / n.clamp(min=1)
+        value = {"mean_std": mean, "geo_std": mean.exp()}.get(statistic, (squares / n.clamp(min=1)).sqrt())
         seen = n > 0 if active is None else (n > 0) & active
         buffers = (self.sigma, self.sigma_bos, self.sigma_eot)  # _MAIN, _BOS, _EOT
         old = torch.stack(buffers)  # (3, [H])
@@ -292,8 +294,20 @@ class RemovableLayerNorm(nn.Module):
             return [live_out] * len(self.sites)
         centred = self.centred(x)  # (B, T, D)
         B, T = x.shape[:2]
-        return [self._frozen(centred, site.frozen_divisor(B, T, eot_mask)) if f else live_out
-                for site, f in zip(self.sites, frozen, strict=True)]
+        outliers = self.rule.special == "outlier"
+        return [self._frozen(centred, self._outlier_divisor(centred, site, site.frozen_divisor(B, T, eot_mask, False))
+                             if outliers and site.flags[1] else site.frozen_divisor(B, T, eot_mask, not outliers))
+                if f else live_out for site, f in zip(self.sites, frozen, strict=True)]
+
+    def _outlier_divisor(self, centred: Tensor, site: NormSite, divisor: Tensor, std: Tensor | None = None) -> Tensor:
+        """The "outlier" special (SigmaRule.special) at its weight w: σ̂ · max(1, std / (k·σ̂))^w per token, so that
+        at w = 1 no token leaves the site more than k× the size of an ordinary one; (B, T, [H,] 1)."""
+        if std is None:
+            std = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (B, T, [H,] 1)
+        if divisor.dim() != std.dim():
+            divisor = divisor.expand(std.shape[:-1] + divisor.shape[-1:]) if divisor.dim() else divisor.expand_as(std)
+        excess = (std / (self.rule.outlier_factor * divisor)).clamp(min=1)
+        return divisor * excess ** site.bos_weight
 
     @torch.no_grad()
     def _measure(self, std: Tensor, eot_mask: Tensor | None, tracked: list[NormSite]) -> None:
@@ -301,7 +315,7 @@ class RemovableLayerNorm(nn.Module):
         straight into their σ̂. Measured on the side, without autograd, so the differentiable graph is the same
         whether or not statistics are collected (activation-checkpoint recomputes must save the same tensors);
         measured once for every path that reads this input."""
-        sums = measure(std, eot_mask, self.rule.positions)
+        sums = measure(std.log() if self.rule.logs else std, eot_mask, self.rule.positions)
         if self.call_momentum is not None:
             self._update_now(sums)
         else:
@@ -317,8 +331,13 @@ class RemovableLayerNorm(nn.Module):
         if tracked:
             self._measure(std.detach().squeeze(-1), eot_mask, tracked)
         B, T = x.shape[:2]
-        return [self._affine(centred / torch.where(site.frozen, site.divisor_by_position(B, T, eot_mask), std))
-                for site in self.sites]
+        outliers = self.rule.special == "outlier"
+        divisors = [site.divisor_by_position(B, T, eot_mask, not outliers) for site in self.sites]
+        if outliers:  # weight 0 gives σ̂ exactly, so the same graph serves every state
+            divisors = [self._outlier_divisor(centred, site, d, std)
+                        for site, d in zip(self.sites, divisors, strict=True)]
+        return [self._affine(centred / torch.where(site.frozen, d, std))
+                for site, d in zip(self.sites, divisors, strict=True)]
 
     def centred(self, x: Tensor) -> Tensor:
         """x minus its per-token mean (LayerNorm), or x itself (RMSNorm)."""

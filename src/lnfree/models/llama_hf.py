@@ -26,7 +26,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ..method.fold import COMPAT_EPS, TIE_RTOL, HeadNotTiedError
+from ..method.fold import TIE_RTOL, WIDE_COMPAT_EPS, HeadNotTiedError
 from .llama import NOLN_PREFIX, Llama, config_to_hf, to_hf
 
 __all__ = ["classes", "register", "to_compat_hf", "to_hf_model", "tl_norm_count"]
@@ -95,7 +95,7 @@ def to_hf_model(model: Llama) -> nn.Module:
 
 
 @torch.no_grad()
-def to_compat_hf(model: Llama, eps: float = COMPAT_EPS) -> nn.Module:
+def to_compat_hf(model: Llama, eps: float = WIDE_COMPAT_EPS) -> nn.Module:
     """Folded model → the stock class with rms_norm_eps = 1e12 and norm gains 1e6 (fp32, eval). A model whose
     original head was tied keeps it tied: the final norm carries the folded gain γ/σ̂ · 1e6."""
     if model.has_normalization:

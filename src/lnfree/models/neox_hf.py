@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from ..method.fold import COMPAT_EPS
+from ..method.fold import WIDE_COMPAT_EPS
 from .neox import ARCHITECTURE, NOLN_ARCHITECTURE, NOLN_MODEL_TYPE, NeoX, config_to_hf, to_hf
 
 __all__ = ["LNFreeGPTNeoXConfig", "LNFreeGPTNeoXForCausalLM", "classes", "register", "to_compat_hf",
@@ -72,7 +72,7 @@ def to_hf_model(model: NeoX) -> LNFreeGPTNeoXForCausalLM:
 
 
 @torch.no_grad()
-def to_compat_hf(model: NeoX, eps: float = COMPAT_EPS) -> GPTNeoXForCausalLM:
+def to_compat_hf(model: NeoX, eps: float = WIDE_COMPAT_EPS) -> GPTNeoXForCausalLM:
     """Folded model → a stock GPTNeoXForCausalLM, every LayerNorm eps = 1e12 and gain 1e6 (fp32, eval)."""
     if model.has_normalization:
         raise ValueError("hf-compat export needs a norm-free (folded) model; call model.fold() first")

@@ -1,0 +1,205 @@
+"""A real pretrained model before and after norm removal (issue 20: SmolLM2-135M from its GGUF wheel).
+
+    profile  — the original: held-out CE, position 0's residual norm over the median token's per block, the cost of
+               freezing every site at once (no fine-tuning; common σ̂, with position-0 / EOT specials, and with
+               lnfree-uniform's outlier special at full weight), and a
+               sensitivity map: each site frozen alone at its calibrated σ̂, ΔCE (figure: sensitivity.png)
+    table    — run folders side by side with the original: CE of original / control / norm-free on held-out text,
+               gap, fraction of the freeze-all cost recovered, tokens, wall time, and the position-0 ratio per
+               block before and after (figure: position0.png); Markdown rows for RESULTS.md
+
+    .venv/bin/python benchmarks/real_model.py profile smollm2-135m --out results/smollm2
+    .venv/bin/python benchmarks/real_model.py table smollm2-135m RUN... --control RUN_CONTROL --out results/smollm2
+
+No assertions: this is a measurement. CE uses `lnfree eval`'s protocol (stdlib-val, fp32, no BOS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lnfree.data import SequenceSampler, build_token_cache
+from lnfree.demo_real import position0_ratio
+from lnfree.evaluate import evaluate_ce, load_eval_data
+from lnfree.method.calibrate import apply_site_states, calibrate
+from lnfree.method.schedule import SiteState
+from lnfree.method.sigma import SigmaRule
+from lnfree.models.io import load_source
+from lnfree.tokenizer import load_tokenizer
+
+
+def val_batches(tokenizer, ctx: int, tokens: int, batch: int = 8) -> list[torch.Tensor]:
+    cache = load_eval_data("stdlib-val", tokenizer)
+    out = []
+    for b in SequenceSampler(cache, ctx, shuffle=False).iter_batches(batch):
+        out.append(b)
+        if len(out) * batch * ctx >= tokens:
+            break
+    return out
+
+
+def ce(model, batches) -> float:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate_ce(model, batches, dtype="fp32", progress=False).mean
+
+
+def profile(args) -> None:
+    model, where = load_source(args.model)
+    tokenizer = load_tokenizer(where.model_dir)
+    batches = val_batches(tokenizer, args.ctx, args.tokens)
+    train = build_token_cache("stdlib", tokenizer, split="train", need_tokens=args.ctx * 64, progress=False)
+    calibration = SequenceSampler(train, args.ctx, seed=1)
+    calibrate(model, [calibration.next_batch(8) for _ in range(4)], SigmaRule(positions="apart"))
+    sites = model.norm_sites()
+    live = {n: SiteState(False, 0, 0) for n in sites}
+    t0 = time.time()
+    base = ce(model, batches)
+    result = {"model": args.model, "gguf": where.gguf, "ctx": args.ctx, "tokens": args.tokens, "ce": base,
+              "position0_ratio": position0_ratio(model, batches[0])}
+    for label, special in (("freeze_all", 0.0), ("freeze_all_specials", 1.0)):
+        apply_site_states(model, {n: SiteState(True, special, special) for n in sites})
+        result[label] = ce(model, batches)
+    apply_site_states(model, live)
+    outlier_rule = SigmaRule(statistic="geo_std", positions="apart", special="outlier")
+    calibrate(model, [calibration.next_batch(8) for _ in range(4)], outlier_rule)  # lnfree-uniform's rule
+    apply_site_states(model, {n: SiteState(True, 1.0, 0.0) for n in sites})
+    result["freeze_all_outlier_special"] = ce(model, batches)
+    apply_site_states(model, live)
+    calibrate(model, [calibration.next_batch(8) for _ in range(4)], SigmaRule(positions="apart"))
+    delta = {}
+    for name in sites:
+        apply_site_states(model, {**live, name: SiteState(True, 0.0, 0.0)})
+        delta[name] = ce(model, batches) - base
+        print(f"{name:<20} ΔCE {delta[name]:+.4f}", flush=True)
+    apply_site_states(model, live)
+    result["sensitivity"] = delta
+    result["seconds"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+    plot_sensitivity(delta, model.n_layers, out / "sensitivity.png", args.model)
+    print(json.dumps({k: v for k, v in result.items() if k != "sensitivity"}, indent=1))
+
+
+def plot_sensitivity(delta: dict[str, float], n_layers: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = ["ln1.qk", "ln1.v", "ln2"]
+    grid = np.full((len(rows), n_layers), np.nan)
+    for r, kind in enumerate(rows):
+        for i in range(n_layers):
+            grid[r, i] = delta.get(f"blocks.{i}.{kind}", np.nan)
+    fig, ax = plt.subplots(figsize=(max(8, n_layers * 0.35), 2.6))
+    shown = np.sign(grid) * np.log10(1 + np.abs(grid) / 0.01)  # log scale: 0.01 nats to 10+ nats in one picture
+    im = ax.imshow(shown, aspect="auto", cmap="magma_r")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=7)
+    ax.set_xlabel("block")
+    final = delta.get("ln_final", float("nan"))
+    ax.set_title(f"{title}: ΔCE (nats) with one site frozen alone at its σ̂; ln_final {final:+.2f}", fontsize=9)
+    for r in range(len(rows)):
+        for i in range(n_layers):
+            v = grid[r, i]
+            if math.isfinite(v) and abs(v) >= 0.1:
+                ax.text(i, r, f"{v:.1f}", ha="center", va="center", fontsize=5.5, color="white")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.03)
+    cbar.set_label("sign · log10(1 + |ΔCE|/0.01)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _run_facts(run: Path) -> dict:
+    info = json.loads((run / "run.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = sum(m["tokens"] / len(metrics) / m["tokens_per_s"] for m in metrics) if metrics else float("nan")
+    tokens = metrics[-1]["tokens"] if metrics else 0
+    return {"preset": info.get("preset"), "seed": info["train"]["seed"], "steps": info["train"]["steps"],
+            "tokens": tokens, "train_seconds": seconds, "mode": info["mode"]}
+
+
+def table(args) -> None:
+    original, where = load_source(args.model)
+    tokenizer = load_tokenizer(where.model_dir)
+    batches = val_batches(tokenizer, args.ctx, args.tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile_path = out / "profile.json"
+    prof = json.loads(profile_path.read_text()) if profile_path.is_file() else {}
+    base = ce(original, batches)
+    control_ce = ce(load_source(args.control)[0], batches) if args.control else float("nan")
+    ratios = {"original": position0_ratio(original, batches[0])}
+    rows = []
+    for run in args.runs:
+        model = load_source(run)[0]
+        facts = _run_facts(Path(run))
+        value = ce(model, batches)
+        ratios[Path(run).name] = position0_ratio(model, batches[0])
+        cost = prof.get("freeze_all_specials", float("nan")) - base
+        recovered = 1 - (value - control_ce) / cost if math.isfinite(cost) else float("nan")
+        rows.append({**facts, "run": str(run), "ce_original": base, "ce_control": control_ce, "ce_lnfree": value,
+                     "gap": value - control_ce, "recovered": recovered})
+    (out / "table.json").write_text(json.dumps({"rows": rows, "position0_ratio": ratios}, indent=1))
+    print("| model | preset | seed | tokens | wall (train) | CE original | CE control | CE norm-free | gap | "
+          "recovered |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rec = f"{r['recovered']:.1%}" if math.isfinite(r["recovered"]) else "n/a (freeze-all diverges)"
+        print(f"| {args.model} | {r['preset']} | {r['seed']} | {r['tokens']:,} | {r['train_seconds'] / 60:.0f} min | "
+              f"{r['ce_original']:.4f} | {r['ce_control']:.4f} | {r['ce_lnfree']:.4f} | {r['gap']:+.4f} | {rec} |")
+    plot_position0(ratios, out / "position0.png", args.model)
+
+
+def plot_position0(ratios: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, values in ratios.items():
+        ax.plot(range(len(values)), values, marker="o", ms=3, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("block (resid_pre)")
+    ax.set_ylabel("‖x₀‖ / median ‖x_t‖")
+    ax.set_title(f"{title}: position 0's residual norm over the median token's", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("model")
+    p.set_defaults(func=profile)
+    t = sub.add_parser("table")
+    t.add_argument("model")
+    t.add_argument("runs", nargs="+")
+    t.add_argument("--control")
+    t.set_defaults(func=table)
+    for q in (p, t):
+        q.add_argument("--out", default="results/real-model")
+        q.add_argument("--ctx", type=int, default=256)
+        q.add_argument("--tokens", type=int, default=16384)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
