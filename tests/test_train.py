@@ -168,6 +168,9 @@ def test_spike_guard():
         _guard(float("nan"), [], cfg, 5, None)
     with pytest.raises(TrainingDiverged, match="last good checkpoint: ckpt"):
         _guard(31.0, [3.0] * 20, cfg, 5, Path("ckpt"))
+    # a finite CE beside a NaN gradient (lnfree-uniform on SmolLM2, step 176: CE 10.7, aux and grad norm NaN)
+    with pytest.raises(TrainingDiverged, match="gradient norm not finite .*not applied"):
+        _guard(10.7, [3.0] * 20, cfg, 5, None, None, {"gradient norm": float("nan"), "auxiliary loss": 0.1})
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, hf_gpt2_dir):

@@ -310,7 +310,8 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                                                                before_read=None if done else batches.read_ahead)
             # every rank sees the same global loss; a non-finite one is traced to its site
             _guard(loss_value, history, cfg, step, last_ckpt,
-                   _where_nonfinite(model, batch[: cfg.micro_batch], cfg, device, world, loss_value))
+                   _where_nonfinite(model, batch[: cfg.micro_batch], cfg, device, world, loss_value),
+                   {"gradient norm": grad_norm, "auxiliary loss": aux_value})
             stepper.finish()
             history = (history + [loss_value])[-50:]
             dt = time.time() - t0
@@ -375,14 +376,19 @@ def _where_nonfinite(model: LNModel, idx: Tensor, cfg: TrainConfig, device: torc
 
 
 def _guard(loss: float, history: list[float], cfg: TrainConfig, step: int, last_ckpt: Path | None,
-           cause: str | None = None) -> None:
+           cause: str | None = None, must_be_finite: dict[str, float] | None = None) -> None:
     """Stop before the optimizer applies a non-finite or spiking step; the last checkpoint stays as it was. `cause`
-    names the site where a non-finite forward overflowed."""
+    names the site where a non-finite forward overflowed; `must_be_finite` are the step's other figures (a finite
+    CE beside a NaN gradient would otherwise write NaN into every weight)."""
+    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
+    nonfinite = [name for name, value in (must_be_finite or {}).items() if not math.isfinite(value)]
+    if math.isfinite(loss) and nonfinite:
+        raise TrainingDiverged(f"step {step}: {' and '.join(nonfinite)} not finite (loss {loss:.4g}); "
+                               f"the step was not applied; stopped ({where}); a gentler preset or a lower --lr")
     bad = not math.isfinite(loss)
     if not bad and len(history) >= 10:
         bad = loss > cfg.spike_factor * statistics.median(history)
     if bad:
-        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint written yet"
         if cause:
             raise TrainingDiverged(f"step {step}: loss {loss:.4g} is not finite: {cause}; stopped ({where}); a "
                                    "gentler preset (more steps per freeze, the position-0 special) or a lower --lr")
