@@ -177,3 +177,24 @@ def test_cli_schedule_prints_the_reference_steps_for_every_size(capsys):
         for line in lines:
             assert line in printed, (preset, layers, line)
         assert "AdamW" in printed[1]  # the training settings line
+
+
+def test_the_lnfree_presets_lr_claim_holds_at_every_gpt2_depth():
+    """The `lnfree` preset's docstring and README state the lr at the last freeze at GPT-2's four depths, and those
+    figures are the code's (its earlier claim, no lr decay before the last removal, held at 12 and 24 layers only)."""
+    from pathlib import Path
+
+    from lnfree import recipes
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    texts = {"docstring": " ".join(recipes.lnfree.__doc__.split()), "README": readme}
+    for n_layer, stated in {12: 0.98, 24: 0.96, 36: 0.65, 48: 0.67}.items():
+        recipe = get_recipe("lnfree", n_layer)
+        t = recipe.train
+        assert t.decay_steps == 2 * t.steps  # the cosine's horizon: twice the run
+        last_freeze = max(recipe_schedule(recipe, n_layer).freeze_at.values())
+        assert round(lr_at(last_freeze, t) / t.lr, 2) == stated, n_layer
+        for where, text in texts.items():
+            assert f"{stated:.2f}×" in text, (where, n_layer)
+    for where, text in {**texts, "source": get_recipe("lnfree", 12).source}.items():
+        assert "no lr decay" not in text and "no decay before" not in text, where
