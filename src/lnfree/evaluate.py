@@ -196,8 +196,8 @@ def evaluate_ce(model: nn.Module, batches: Iterable[Tensor], *, dtype: str = "fp
     if keep_token_losses:
         stats.token_losses = token_losses
     if not math.isfinite(stats.mean):
-        warnings.warn(f"{desc}: mean CE is not finite (max per-token loss {stats.max}){_nonfinite_cause(model, losses, inputs, dtype)}",
-                      stacklevel=2)
+        cause = _nonfinite_cause(model, losses, inputs, dtype)
+        warnings.warn(f"{desc}: mean CE is not finite (max per-token loss {stats.max}){cause}", stacklevel=2)
     return stats
 
 

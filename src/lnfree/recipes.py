@@ -115,9 +115,10 @@ def baroni_recipe(name: str, n_layer: int) -> Recipe:
     Transcribed (see `BARONI_CONFIGS` for the per-size values): micro-batch `base_batch_size` × int(512 //
     base_batch_size) accumulation steps of 1024 tokens; transformers' Trainer defaults — AdamW betas (0.9,
     0.999), grad clip 1.0, GPT-2's dropout 0.1 — with `FinetuneConfig`'s weight decay 0.01 (the Trainer's default
-    is 0) on every weight but biases (FakeLayerNorm is no nn.LayerNorm, so its gains are decayed too), and `cosine_with_min_lr` with warmup from 0 over
-    `max_steps`; ln_2 from `start_ln2` every gap_ln2, ln_1 Q/K and V each n_layer × gap after the previous
-    phase began, ln_f n_layer × gap_ln1v after the V phase began; the auxiliary std loss at `aux_loss_weight`;
+    is 0) on every weight but biases (FakeLayerNorm is no nn.LayerNorm, so its gains are decayed too), and
+    `cosine_with_min_lr` with warmup from 0 over `max_steps`; ln_2 from `start_ln2` every gap_ln2, ln_1 Q/K and
+    V each n_layer × gap after the previous phase began, ln_f n_layer × gap_ln1v after the V phase began; the
+    auxiliary std loss at `aux_loss_weight`;
     σ̂ follows an EMA at every FakeLayerNorm call (momentum per call; ln_1 is called three times per forward:
     Q/K, V, V at EOT positions; its paths share one σ̂, which keeps moving until V freezes) of the mean
     per-token std over every position, and freezes with the last path; no position-0 or EOT special
