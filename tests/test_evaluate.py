@@ -230,7 +230,7 @@ def test_cli_eval_end_to_end(workdir, model_dir, published_dir, corpus, capsys):
                  "--cache-dir", str(workdir / "cache")]) == 2
     assert "--ctx 4096 exceeds model orig's n_positions 64" in capsys.readouterr().err
     assert main(["eval", str(model_dir), "--data", str(corpus), "--batch-size", "0", "--quiet"]) == 2
-    assert capsys.readouterr().err.strip() == "lnfree: error: --batch-size must be at least 1 (or auto), got 0"
+    assert capsys.readouterr().err.strip() == "lnfree: error: --batch-size must be at least 1, got 0"
 
 
 # ---- lm-evaluation-harness ------------------------------------------------------------------------------------

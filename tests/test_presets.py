@@ -22,7 +22,8 @@ from lnfree.recipes import get_recipe, recipe_schedule
 from lnfree.runs import removal_plan
 from lnfree.train import lr_at
 
-# config.py: name -> (function, n_layers, max_steps, published checkpoint, base_batch_size, warmup_steps,
+# config.py: name -> (function, n_layers, max_steps, where the run stops — the aux runs' published checkpoint, the
+#                     no-aux runs' max_steps (they published none) —, base_batch_size, warmup_steps,
 #                     learning_rate, min_lr, start_ln2, gap_ln2, gap_ln1qk, gap_ln1v, momentum, aux_loss_weight)
 BARONI_TABLE = {
     "baroni2025-small": ("make_gpt2_standard_aux", 12, 300, 300, 32, 25, 6e-4, 3e-4, 20, 2, 2, 3, 0.9, 0.1),
@@ -32,10 +33,10 @@ BARONI_TABLE = {
                                 0.0),
     "baroni2025-large": ("make_gpt2_large_aux", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, 4, 4, 6, 0.9 ** (28 / 32),
                          0.03),
-    "baroni2025-large-noaux": ("make_gpt2_large", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, 4, 4, 6, 0.9 ** (28 / 32),
+    "baroni2025-large-noaux": ("make_gpt2_large", 36, 1200, 1200, 28, 15, 3e-4, 4e-5, 30, 4, 4, 6, 0.9 ** (28 / 32),
                                0.0),
     "baroni2025-xl": ("make_gpt2_xl_aux", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 50, 4, 4, 6, 0.9 ** (18 / 32), 0.01),
-    "baroni2025-xl-noaux": ("make_gpt2_xl", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 20, 2, 2, 3, 0.9 ** (18 / 32), 0.0),
+    "baroni2025-xl-noaux": ("make_gpt2_xl", 48, 1200, 1200, 18, 20, 1e-4, 2e-5, 20, 2, 2, 3, 0.9 ** (18 / 32), 0.0),
 }
 BLOCK_SIZE, TARGET_BATCH_TOKENS = 1024, 2**19
 
@@ -75,6 +76,8 @@ def test_baroni_presets_are_the_reference_configs(name):
     gpt2 = transformers.GPT2Config()
     assert (t.micro_batch, t.ctx, t.batch_tokens) == (base_batch, BLOCK_SIZE, base_batch * accumulation * BLOCK_SIZE)
     assert (t.lr, t.min_lr, t.warmup_steps, t.decay_steps) == (lr, min_lr, warmup, max_steps)
+    # weight decay: FinetuneConfig's 0.01, handed to the Trainer (whose own default is 0)
+    assert args.weight_decay == 0.0
     assert (t.weight_decay, t.betas, t.grad_clip) == (0.01, (args.adam_beta1, args.adam_beta2), args.max_grad_norm)
     assert t.decay_norm_weights  # FakeLayerNorm is not an nn.LayerNorm, so the Trainer decays its gains
     assert t.dropout == gpt2.resid_pdrop == gpt2.embd_pdrop == gpt2.attn_pdrop
@@ -174,3 +177,24 @@ def test_cli_schedule_prints_the_reference_steps_for_every_size(capsys):
         for line in lines:
             assert line in printed, (preset, layers, line)
         assert "AdamW" in printed[1]  # the training settings line
+
+
+def test_the_lnfree_presets_lr_claim_holds_at_every_gpt2_depth():
+    """The `lnfree` preset's docstring and README state the lr at the last freeze at GPT-2's four depths, and those
+    figures are the code's (its earlier claim, no lr decay before the last removal, held at 12 and 24 layers only)."""
+    from pathlib import Path
+
+    from lnfree import recipes
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    texts = {"docstring": " ".join(recipes.lnfree.__doc__.split()), "README": readme}
+    for n_layer, stated in {12: 0.98, 24: 0.96, 36: 0.65, 48: 0.67}.items():
+        recipe = get_recipe("lnfree", n_layer)
+        t = recipe.train
+        assert t.decay_steps == 2 * t.steps  # the cosine's horizon: twice the run
+        last_freeze = max(recipe_schedule(recipe, n_layer).freeze_at.values())
+        assert round(lr_at(last_freeze, t) / t.lr, 2) == stated, n_layer
+        for where, text in texts.items():
+            assert f"{stated:.2f}×" in text, (where, n_layer)
+    for where, text in {**texts, "source": get_recipe("lnfree", 12).source}.items():
+        assert "no lr decay" not in text and "no decay before" not in text, where

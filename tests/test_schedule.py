@@ -137,3 +137,24 @@ def test_specials_spread_evenly_over_their_span():
     last_freeze = s.freeze_at["ln_final"]
     offs = [s.eot_off[f"blocks.{i}.ln2"] - last_freeze - 1 for i in range(4)]
     assert offs == [0, 1, 3, 4]  # 4 sites over 6 steps, in removal order
+
+
+@pytest.mark.parametrize("preset,layers,steps", [("baroni2025", 48, 3), ("lnfree", 36, 4), ("heimersheim2024", 2, 1)])
+def test_a_run_too_short_for_its_events_is_refused_with_the_fewest_steps_that_fit(preset, layers, steps, capsys):
+    """Rescaled so short that the last events land at the run's end, the model could not fold: refused before step
+    0 (`lnfree schedule` and `remove` share removal_plan), naming the fewest steps that keep every event inside."""
+    import re
+
+    from lnfree.cli import main
+
+    recipe = get_recipe(preset, layers)
+    with pytest.raises(ValueError, match=f"--steps {steps} is too short") as refused:
+        recipe_schedule(recipe, layers, steps)
+    least = int(re.search(r"give --steps (\d+) or more", str(refused.value)).group(1))
+    fits = recipe_schedule(recipe, layers, least)
+    assert fits.last_event < least and fits.is_complete_at(least - 1)
+    with pytest.raises(ValueError, match="too short"):
+        recipe_schedule(recipe, layers, least - 1)
+    assert main(["schedule", "--preset", preset, "--layers", str(layers), "--steps", str(steps)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"give --steps {least} or more" in err, err

@@ -35,8 +35,7 @@ def _run_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-# TrainConfig fields the command line spells differently, or sets elsewhere (--control is its own flag)
-_ALIASES = {"warmup_steps": ["--warmup"]}
+# TrainConfig fields set elsewhere (--control is its own flag)
 _NOT_FLAGS = {"control"}
 
 
@@ -59,10 +58,6 @@ def _flag_kwargs(f) -> dict:
         from .config import DTYPES
 
         return {"choices": DTYPES}
-    if f.name == "aux_kind":
-        from .method.aux import AUX_KINDS
-
-        return {"choices": AUX_KINDS}
     return {"type": {"int": int, "float": float, "str": str, "int | None": int}[kind]}
 
 
@@ -70,7 +65,7 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
     """Every TrainConfig field as a flag, its help and the default it takes here (`where` says whose)."""
     from dataclasses import fields
 
-    from .config import TrainConfig
+    from .config import FLAG_NAMES, TrainConfig
 
     p.add_argument("--data", help="stdlib | a local file/folder | a hub dataset (openwebtext, pile …)")
     p.add_argument("--out", required=True, type=Path, help="run folder (one run per folder)")
@@ -89,7 +84,8 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
         if f.name in _NOT_FLAGS:
             continue
         default = getattr(shown, f.name)
-        group.add_argument("--" + f.name.replace("_", "-"), *_ALIASES.get(f.name, []), dest=f.name, default=None,
+        aliases = [FLAG_NAMES[f.name]] if f.name in FLAG_NAMES else []
+        group.add_argument("--" + f.name.replace("_", "-"), *aliases, dest=f.name, default=None,
                            help=f"{f.metadata['help']} [{default}]".replace("%", "%%"), **_flag_kwargs(f))
 
 
@@ -107,7 +103,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _read_config(args: argparse.Namespace, command: str) -> None:
     """Fold --config into args: training settings into args.config_overrides, and from a run.json of the same
     command its model / data / preset where the command line does not name them."""
-    from .config import SIGMA_OVERRIDES
+    from .config import check_settings
 
     args.config_overrides = {}
     if args.config is None:
@@ -129,10 +125,8 @@ def _read_config(args: argparse.Namespace, command: str) -> None:
         if command == "remove" and loaded.get("mode") == "control":
             args.control = True
     else:
-        unknown = sorted(set(loaded) - names - set(SIGMA_OVERRIDES))
-        if unknown:
-            raise ValueError(f"--config {args.config}: unknown setting {unknown[0]!r}; see `lnfree {command} --help`")
         settings = dict(loaded)
+    check_settings(settings, where=str(args.config))
     if "betas" in settings:
         settings["betas"] = tuple(settings["betas"])
     args.config_overrides = settings
@@ -205,7 +199,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .config import SIGMA_OVERRIDES, TrainConfig
+    from .config import SIGMA_OVERRIDES, TrainConfig, check_settings
     from .models.io import FAMILIES
     from .runs import run_pretrain
     from .tokenizer import load_tokenizer
@@ -215,10 +209,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if set(overrides) & set(SIGMA_OVERRIDES):
         raise ValueError("--ema-momentum applies to removal runs, not pretraining")
+    check_settings(overrides)
+    _check_shape(args)
     tok = load_tokenizer(args.tokenizer)
     cfg = replace(TrainConfig(**PRETRAIN_DEFAULTS), **overrides)
-    if args.family not in FAMILIES:
-        raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
     model = FAMILIES[args.family].new_model(len(tok), cfg.ctx, args.d_model, args.layers, args.heads,
                                             tok.eos_token_id, cfg.seed)
     result = run_pretrain(model, args.tokenizer, args.data, args.out, cfg, resume=args.resume,
@@ -227,6 +221,25 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     if result.model is not None:  # rank 0
         print(f"done: {result.steps_run} steps, final loss {result.final_loss:.4f}; model in {args.out / 'final'}")
     return 0
+
+
+def _check_shape(args: argparse.Namespace) -> None:
+    """The new model's shape, before anything is read: a model without blocks or with heads that do not divide its
+    width would train on nothing or fail at the first forward."""
+    from .config import AT_LEAST_1, check_value
+    from .models.io import FAMILIES
+
+    if args.family not in FAMILIES:
+        raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
+    for name in ("layers", "d_model", "heads"):
+        check_value("--" + name.replace("_", "-"), getattr(args, name), AT_LEAST_1)
+    if args.d_model % args.heads:
+        fits = max(h for h in range(1, args.heads) if args.d_model % h == 0)
+        raise ValueError(f"--heads {args.heads} does not divide --d-model {args.d_model}; give heads that divide it "
+                         f"(e.g. --heads {fits})")
+    if args.family == "llama" and args.d_model // args.heads % 2:
+        raise ValueError(f"--d-model {args.d_model} over --heads {args.heads} leaves {args.d_model // args.heads} "
+                         "dimensions per head; llama's rotary embedding needs an even number")
 
 
 def _batch_size(text: str) -> int | str:

@@ -392,13 +392,21 @@ def run_compare(original: str, lnfree: str, data: str, *, vanilla: str | None = 
                 progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Load the models (LNFREE folded if frozen), check shapes, tokenizers, data and prompt sets, then
     `compare_models`; with `out`, write report.md, report.json and the figures there."""
-    from .evaluate import _eval_batches, check_compatible, check_dataset_name, default_ctx, load_eval_data
+    from .config import AT_LEAST_1, check_value
+    from .evaluate import (
+        _eval_batches,
+        check_compatible,
+        check_dataset_name,
+        check_eval_numbers,
+        default_ctx,
+        load_eval_data,
+    )
     from .export.core import load_norm_free
     from .models.io import load_source
     from .tokenizer import load_tokenizer
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    device = check_eval_numbers(batch_size, max_tokens, ctx, device)
+    check_value("--top-neurons", top_neurons, AT_LEAST_1)
     check_dataset_name(data)
     sources = {"original": original, "lnfree": lnfree, **({"vanilla": vanilla} if vanilla else {})}
     models, dirs = {}, {}
@@ -421,7 +429,6 @@ def run_compare(original: str, lnfree: str, data: str, *, vanilla: str | None = 
     for name, model in models.items():
         check_compatible(name, model, data, cache, ctx)
     batches, n_batches, _ = _eval_batches(cache, ctx, batch_size, max_tokens)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for model in models.values():
         model.to(device=device, dtype=torch.float32)
     result = compare_models(models["original"], models["lnfree"], batches, vanilla=models.get("vanilla"),

@@ -19,6 +19,85 @@ RESUME_SAFE = ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_token
 DTYPES = ("auto", "fp32", "bf16")
 # σ̂-rule settings a command line may override (flag name -> SigmaRule field); the rest comes from the preset.
 SIGMA_OVERRIDES = {"ema_momentum": "momentum"}
+# Settings whose flag is not their name with dashes.
+FLAG_NAMES = {"warmup_steps": "--warmup"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: batch_tokens -> --batch-tokens."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number; None: unbounded on that side. NaN is in no range."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False  # low itself is not valid
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.low if self.low_open else v >= self.low
+        return above and (self.high is None or (v < self.high if self.high_open else v <= self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'more than' if self.low_open else 'at least'} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1, high_open=True)
+# What each numeric setting may be: a value outside is refused before anything is read or written, rather than
+# run silently wrong (a negative warmup ran with none, keep -1 kept every checkpoint) or failing later.
+SETTING_RANGES = {
+    "steps": AT_LEAST_1, "batch_tokens": AT_LEAST_1, "micro_batch": AT_LEAST_1, "ctx": Range(2), "lr": POSITIVE,
+    "min_lr": AT_LEAST_0, "warmup_steps": AT_LEAST_0, "decay_steps": AT_LEAST_1, "weight_decay": AT_LEAST_0,
+    "betas": FRACTION, "grad_clip": POSITIVE, "dropout": FRACTION, "aux_weight": AT_LEAST_0,
+    "calibration_batches": AT_LEAST_1, "seed": AT_LEAST_0, "dist_timeout": POSITIVE, "checkpoint_every": AT_LEAST_0,
+    "keep_checkpoints": AT_LEAST_1, "spike_factor": Range(1, low_open=True), "max_train_tokens": AT_LEAST_1,
+    "sample_factor": AT_LEAST_1, "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_1, "ema_momentum": Range(0, 1),
+}
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "str": ("a string", lambda v: isinstance(v, str))}
+
+
+def check_value(label: str, value: float, valid: Range) -> None:
+    """Refuse a number outside `valid` in one line naming it (`label`: its flag) and the range."""
+    if value not in valid:
+        raise ValueError(f"{label} must be {valid}, got {value}")
+
+
+def check_settings(values: dict, where: str | None = None) -> None:
+    """Refuse a training setting of the wrong type or out of its range, in one line naming it and what is valid.
+    `where` names the --config file the values came from (its keys are named then; else their flags)."""
+    from .method.aux import AUX_KINDS  # torch: loaded only when a run is about to start
+
+    types = {f.name: str(f.type) for f in fields(TrainConfig)} | {name: "float" for name in SIGMA_OVERRIDES}
+    choices = {"dtype": DTYPES, "aux_kind": AUX_KINDS}
+    for name, value in values.items():
+        label = f"--config {where}: {name!r}" if where else flag(name)
+        if name not in types:
+            raise ValueError(f"{f'--config {where}: ' if where else ''}unknown setting {name!r}; every setting is a "
+                             "flag of `lnfree remove --help`")
+        kind = types[name]
+        if value is None and kind.endswith("| None"):
+            continue
+        if kind.startswith("tuple"):  # betas
+            words, ok = "two numbers", isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                _KINDS["float"][1](v) for v in value)
+        else:
+            words, test = _KINDS[kind.split(" |")[0]]
+            ok = test(value)
+        if not ok:
+            raise ValueError(f"{label} must be {words}, got {value!r}")
+        if name in choices and value not in choices[name]:
+            raise ValueError(f"{label} must be one of {', '.join(choices[name])}, got {value!r}")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if name in SETTING_RANGES:
+                check_value(label, v, SETTING_RANGES[name])
 
 
 @dataclass

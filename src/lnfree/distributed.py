@@ -7,8 +7,12 @@ the root) with `--fsdp` — and lnfree adds what its method needs on top:
 * the data order does not depend on the world size. Every rank draws the whole step's sequences from the same
   sampler; global micro-batch g = j·W + r (row block [g·m, (g+1)·m)) is rank r's j-th micro-batch, so the
   micro-batches of a W-process run are those of a 1-process run with the same micro-batch size, and the dropout
-  masks are seeded by (seed, step, g): the runs are the same run, and a checkpoint resumes at any world size.
-* σ̂ statistics are summed over ranks before every σ̂ update (method/sites.py: `reduce_across_ranks`).
+  masks are seeded by (seed, step, g): under the per-step σ̂ rule W processes × micro-batch m are the 1-process
+  run with micro-batch m, and a checkpoint resumes at any world size.
+* σ̂ statistics are summed over ranks before every σ̂ update (method/sites.py: `reduce_across_ranks`). Under the
+  2025 per-call rule that is one update per global micro-step, from W micro-batches at once: W processes ×
+  micro-batch m are the 1-process run with micro-batch W·m (when dropout and the auxiliary loss, which depend on
+  the micro-batch's size, are off) — tests/test_distributed.py holds both.
 * loss, aux loss and grad norm are global, so a spike stops every rank at the same step.
 * only rank 0 prints and writes run files; a rank that stops answering makes the others stop after
   `--dist-timeout` seconds with a message naming it.

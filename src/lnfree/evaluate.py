@@ -253,11 +253,21 @@ def check_compatible(name: str, model: nn.Module, data_name: str, cache: Any, ct
 
 
 def default_ctx(models: dict[str, nn.Module], ctx: int | None) -> int:
+    return ctx if ctx is not None else min([DEFAULT_CTX, *(model_context(m) for m in models.values())])
+
+
+def check_eval_numbers(batch_size: int, max_tokens: int | None, ctx: int | None, device: str | None) -> str:
+    """`eval` and `compare`: --batch-size, --tokens, --ctx and --device, checked before any model or data is read;
+    returns the device to use."""
+    from .config import AT_LEAST_1, Range, check_value
+    from .distributed import resolve_device
+
+    check_value("--batch-size", batch_size, AT_LEAST_1)
+    if max_tokens is not None:
+        check_value("--tokens", max_tokens, AT_LEAST_1)
     if ctx is not None:
-        if ctx < 2:
-            raise ValueError(f"--ctx must be at least 2 (one prediction per sequence), got {ctx}")
-        return ctx
-    return min([DEFAULT_CTX, *(model_context(m) for m in models.values())])
+        check_value("--ctx", ctx, Range(2))  # one prediction per sequence
+    return str(resolve_device(device or "auto"))
 
 
 def _eval_batches(cache: Any, ctx: int, batch_size: int, max_tokens: int | None) -> tuple[Iterator[Tensor], int, int]:
@@ -267,6 +277,9 @@ def _eval_batches(cache: Any, ctx: int, batch_size: int, max_tokens: int | None)
     """
     from .data import SequenceSampler
 
+    if max_tokens is not None and max_tokens < ctx:
+        raise ValueError(f"--tokens {max_tokens} is less than one sequence of {ctx} tokens (--ctx); give at least "
+                         f"{ctx}")
     n_seq = cache.n_sequences(ctx)
     if max_tokens is not None:
         n_seq = min(n_seq, max_tokens // ctx)
@@ -381,6 +394,7 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     """Load models and datasets by name, check them all, then CE on every dataset and lm-eval benchmarks.
     `batch_size` "auto" lets lm-eval size its batches (CE then uses 8); `output_path` / `log_samples` write
     lm-eval's own result files, one folder per model."""
+    from .config import AT_LEAST_0, Range, check_value
     from .models import load_model
     from .models.io import resolve_model_dir
 
@@ -389,8 +403,12 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     lm_eval_batch = batch_size
     if batch_size == "auto":
         batch_size = 8
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1 (or auto), got {batch_size}")
+    device = check_eval_numbers(batch_size, max_tokens, ctx, device)
+    check_value("--top-k", top_k, AT_LEAST_0)
+    if num_fewshot is not None:
+        check_value("--num-fewshot", num_fewshot, AT_LEAST_0)
+    if limit is not None:
+        check_value("--limit", limit, Range(0, low_open=True))
     if log_samples and not output_path:
         raise ValueError("--log-samples needs --output-path (where lm-eval writes the samples)")
     for name in data:  # refuse a typo before downloading or tokenizing anything
@@ -399,7 +417,6 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     if baseline is not None and baseline not in labels:  # checked now, not after an hour of evaluation
         raise ValueError(f"--baseline {baseline!r} is not one of the models: {', '.join(labels)}")
     dirs = [resolve_model_dir(s) for s in sources]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"models": {}, "ce": {}, "benchmarks": {}}
     if data:
         tok = pick_tokenizer(dirs, tokenizer)

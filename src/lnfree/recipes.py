@@ -75,7 +75,8 @@ class BaroniConfig:
     function: str
     n_layer: int
     max_steps: int  # the Trainer's max_steps: the cosine's horizon
-    published_steps: int  # the checkpoint released and reported (schaeff/gpt2-*_LNFree<steps>)
+    published_steps: int  # where the run stops: the aux runs' released checkpoints (schaeff/gpt2-*_LNFree<steps>);
+    # the no-aux variants released none, so they run the config's max_steps
     base_batch_size: int  # sequences per micro-batch
     warmup_steps: int
     learning_rate: float
@@ -97,11 +98,11 @@ BARONI_CONFIGS: dict[str, BaroniConfig] = {
                                             (2, 2, 3), 0.9, 0.0),
     "baroni2025-large": BaroniConfig("make_gpt2_large_aux", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, (4, 4, 6),
                                      0.9 ** (28 / 32), 0.03),
-    "baroni2025-large-noaux": BaroniConfig("make_gpt2_large", 36, 1200, 600, 28, 15, 3e-4, 4e-5, 30, (4, 4, 6),
+    "baroni2025-large-noaux": BaroniConfig("make_gpt2_large", 36, 1200, 1200, 28, 15, 3e-4, 4e-5, 30, (4, 4, 6),
                                            0.9 ** (28 / 32), 0.0),
     "baroni2025-xl": BaroniConfig("make_gpt2_xl_aux", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 50, (4, 4, 6),
                                   0.9 ** (18 / 32), 0.01),
-    "baroni2025-xl-noaux": BaroniConfig("make_gpt2_xl", 48, 1200, 800, 18, 20, 1e-4, 2e-5, 20, (2, 2, 3),
+    "baroni2025-xl-noaux": BaroniConfig("make_gpt2_xl", 48, 1200, 1200, 18, 20, 1e-4, 2e-5, 20, (2, 2, 3),
                                         0.9 ** (18 / 32), 0.0),
 }
 
@@ -113,16 +114,18 @@ def baroni_recipe(name: str, n_layer: int) -> Recipe:
 
     Transcribed (see `BARONI_CONFIGS` for the per-size values): micro-batch `base_batch_size` × int(512 //
     base_batch_size) accumulation steps of 1024 tokens; transformers' Trainer defaults — AdamW betas (0.9,
-    0.999), weight decay 0.01 on every weight but biases (FakeLayerNorm is no nn.LayerNorm, so its gains are
-    decayed too), grad clip 1.0, GPT-2's dropout 0.1 — and `cosine_with_min_lr` with warmup from 0 over
-    `max_steps`; ln_2 from `start_ln2` every gap_ln2, ln_1 Q/K and V each n_layer × gap after the previous
-    phase began, ln_f n_layer × gap_ln1v after the V phase began; the auxiliary std loss at `aux_loss_weight`;
+    0.999), grad clip 1.0, GPT-2's dropout 0.1 — with `FinetuneConfig`'s weight decay 0.01 (the Trainer's default
+    is 0) on every weight but biases (FakeLayerNorm is no nn.LayerNorm, so its gains are decayed too), and
+    `cosine_with_min_lr` with warmup from 0 over `max_steps`; ln_2 from `start_ln2` every gap_ln2, ln_1 Q/K and
+    V each n_layer × gap after the previous phase began, ln_f n_layer × gap_ln1v after the V phase began; the
+    auxiliary std loss at `aux_loss_weight`;
     σ̂ follows an EMA at every FakeLayerNorm call (momentum per call; ln_1 is called three times per forward:
     Q/K, V, V at EOT positions; its paths share one σ̂, which keeps moving until V freezes) of the mean
     per-token std over every position, and freezes with the last path; no position-0 or EOT special
     (`bos_special_treatment` is never switched on, so the EOT branch divides by the common σ̂).
-    The run stops at the published checkpoint: 600 (large) and 800 (XL) of the configs' 1200 `max_steps`,
-    the cosine still decaying over 1200.
+    The aux runs stop at their published checkpoints: 600 (large) and 800 (XL) of the configs' 1200
+    `max_steps`, the cosine still decaying over 1200; the no-aux variants (`make_gpt2_large`, `make_gpt2_xl`) have
+    no published checkpoint, so they run the code's 1200 steps.
     Deviations: (1) with a micro-batch other than `base_batch_size`, the per-call momentum is rescaled so that σ̂
     keeps the same fraction per optimizer step; (2) σ̂ starts from `calibrate` on this run's data instead of the
     repository's precomputed `std_dicts` (the EMA replaces either within the first steps); (3) a frozen Q/K
@@ -174,8 +177,10 @@ def lnfree(n_layer: int) -> Recipe:
         apart), and lose them site by site in removal order — the EOT specials spread over the first quarter
         of the steps after the last freeze, the position-0 specials over the second — instead of never having
         them (2025 code) or dropping every one in one step (our first build);
-      * the lr does not decay before the last removal: the cosine's horizon is twice the run, so the run ends
-        halfway down it.
+      * a slower lr decay: the cosine's horizon is twice the run, so the run ends halfway down it. The lr at the
+        last freeze is then 0.98× the peak at 12 layers and 0.96× at 24, but 0.65× at 36 and 0.67× at 48, where
+        the base presets freeze late in the run and decay toward a lower floor (tests/test_presets.py holds these
+        figures).
 
     Same steps, batch, optimizer, dropout, aux loss and EMA rule as baroni2025 at each size, so gaps compare
     per fine-tuning token. Not the default: the analogs rank methods against each other but cannot say what GPT-2
@@ -191,7 +196,7 @@ def lnfree(n_layer: int) -> Recipe:
     train = replace(base.train, decay_steps=2 * base.train.steps)
     sigma = replace(base.sigma, positions="apart")
     return replace(base, name="lnfree", removal=spec, train=train, sigma=sigma,
-                   source="ours: baroni2025 + specials eased out per site + no lr decay before the last removal")
+                   source="ours: baroni2025 + specials eased out per site + an lr horizon twice the run")
 
 
 def lnfree_uniform(n_layer: int) -> Recipe:

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import RESUME_SAFE
+from .config import RESUME_SAFE, flag
 
 # What a run writes into its folder (reporters and `lnfree plot` included); --overwrite clears these and nothing else.
 RUN_FILES = {"run.json", "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock", "tensorboard", "wandb",
@@ -111,10 +111,6 @@ def _same_source(a: object, b: object) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
-def _flag(field: str) -> str:
-    return {"warmup_steps": "--warmup"}.get(field, "--" + field.replace("_", "-"))
-
-
 def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: str | None,
                          overrides: dict[str, object]) -> None:
     """Refuse a `--resume` whose command line changes the run: the mode, model, data, an explicitly given preset
@@ -137,5 +133,5 @@ def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: st
         if key in RESUME_SAFE:
             continue  # where and how often things are written or measured: a resume may change them
         if key in recorded and recorded[key] != value:
-            raise ValueError(f"--resume: {_flag(key)} {value} differs from the run's {recorded[key]} (run.json); drop "
+            raise ValueError(f"--resume: {flag(key)} {value} differs from the run's {recorded[key]} (run.json); drop "
                              "it to continue the run as it was started, or start a new run")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import distributed, rundir
-from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig
+from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig, check_settings
 from .data import DataSourceError, SequenceSampler, build_token_cache
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
@@ -49,8 +49,7 @@ def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict, fam
     layout = standard_layout(layout) if isinstance(layout, int) else layout
     recipe, notes = for_family(get_recipe(preset, layout_depth(layout)), preset, family, layout_depth(layout))
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides.get("steps", 1) < 1:
-        raise ValueError(f"--steps must be at least 1, got {overrides['steps']}")
+    check_settings(overrides)
     schedule = recipe_schedule(recipe, layout, overrides.get("steps"))
     cfg = recipe.train
     stretch = schedule.total_steps / cfg.steps
@@ -80,8 +79,6 @@ def token_need(cfg: TrainConfig) -> int:
             raise ValueError(f"--max-train-tokens {cfg.max_train_tokens} is less than one micro-batch "
                              f"({cfg.micro_batch} × {cfg.ctx} tokens)")
         return cfg.max_train_tokens
-    if cfg.sample_factor < 1:
-        raise ValueError(f"--sample-factor {cfg.sample_factor} would sample less than the run reads; use 1 or more")
     return math.ceil(max(cfg.sample_factor * cfg.steps * cfg.batch_tokens,
                          cfg.calibration_batches * cfg.micro_batch * cfg.ctx))
 
@@ -141,6 +138,7 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str | No
     CE is measured on `eval_data`'s val split (default: `data`'s); `report_to` adds TensorBoard / W&B. Under
     torchrun every rank calls this and they make one run (lnfree.distributed)."""
     out_dir = Path(out_dir)
+    check_settings({k: v for k, v in (overrides or {}).items() if v is not None})  # before anything is touched
     world = _join_world(overrides or {})
     with _run_folder(out_dir, resume, overwrite, world):
         return _run_removal(model_source, data, out_dir, preset, overrides or {}, control, resume, cache_root,
@@ -237,6 +235,7 @@ def run_pretrain(model: LNModel, tokenizer_dir: Path, data: str, out_dir: Path, 
     """Train `model` from its initialisation with every LN live (the offline analog's pretraining); `out_dir`
     holds one run, as for `run_removal`."""
     out_dir = Path(out_dir)
+    check_settings(cfg.to_dict())
     world = _join_world(cfg.to_dict())
     with _run_folder(out_dir, resume, overwrite, world):
         return _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, progress and world.is_main,

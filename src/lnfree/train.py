@@ -29,8 +29,8 @@ from torch import Tensor
 
 from . import distributed
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
-from .config import DTYPES, TrainConfig
-from .method.aux import AUX_KINDS, aux_std_loss
+from .config import TrainConfig, check_settings
+from .method.aux import aux_std_loss
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
 from .method.sigma import SigmaRule
@@ -258,10 +258,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     """
     sigma = sigma or SigmaRule()
     run_dir = Path(run_dir)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if cfg.aux_kind not in AUX_KINDS:
-        raise ValueError(f"--aux-kind {cfg.aux_kind!r} is not one of {', '.join(AUX_KINDS)}")
+    check_settings(cfg.to_dict())
     if cfg.eval_every and not val_batches:
         raise ValueError("--eval-every needs validation data; pass val batches (the run's val split)")
     world, device = distributed.init(cfg.device, fsdp=cfg.fsdp, timeout_s=cfg.dist_timeout)

@@ -10,6 +10,7 @@ Site names are a model's own (`LNModel.site_layout`); the schedule orders them b
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field, replace
 
 # Site kinds name the role a norm plays, whatever the family: the norm before the MLP, the pre-attention norm as
@@ -127,9 +128,21 @@ class Schedule:
 
     # ---- transforms ---------------------------------------------------------------------------------------
     def rescaled(self, total_steps: int) -> Schedule:
-        """Stretch every event to a run of `total_steps` (rounded to whole steps, order kept)."""
+        """Stretch every event to a run of `total_steps` (rounded to whole steps, order kept). A run so short that
+        an event would land at its end or after it is refused, naming the fewest steps that keep every event
+        inside the run: the model must be complete at its last step to fold."""
         if total_steps == self.total_steps:
             return self
+        out = self._stretched(total_steps)
+        if out.last_event >= total_steps:
+            # stretching to the preset's own length or more always fits, so the search ends
+            least = next(n for n in itertools.count(total_steps + 1) if self._stretched(n).last_event < n)
+            raise ValueError(f"--steps {total_steps} is too short for this schedule: its last event would land at "
+                             f"step {out.last_event}, past the run's last step ({total_steps - 1}), and the model "
+                             f"could not fold; give --steps {least} or more")
+        return out
+
+    def _stretched(self, total_steps: int) -> Schedule:
         f = total_steps / self.total_steps
         r = lambda s: int(round(s * f))
         scale = lambda d: {k: r(v) for k, v in d.items()}
