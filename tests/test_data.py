@@ -210,7 +210,7 @@ def test_interrupted_build_never_looks_complete(tok, mixed, tmp_path, monkeypatc
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # dies after tokens.bin is in place, before the manifest
 
-    monkeypatch.setattr(data.cache, "_atomic_write", killed)
+    monkeypatch.setattr(data.cache, "atomic_write", killed)
     with pytest.raises(KeyboardInterrupt):
         build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
     (folder,) = list((tmp_path / "c").iterdir())

@@ -217,7 +217,7 @@ def test_parity_failure_leaves_nothing_and_keeps_an_old_export(tmp_path, dirs, m
     before = (out / "model.safetensors").read_bytes()
     monkeypatch.setattr("lnfree.export.core.reload_parity", lambda *a: ({"transformers": 0.5, "lnfree": 0.0}, {}))
     with pytest.raises(ParityError, match="nothing written"):
-        export_model(dirs["folded"], out, "hf-compat")
+        export_model(dirs["folded"], out, "hf-compat", overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before  # the old export is untouched
     assert json.loads((out / "config.json").read_text())["model_type"] == "lnfree_gpt2"
     assert leftovers(tmp_path) == []
@@ -244,12 +244,14 @@ def test_an_export_off_by_one_part_in_a_million_is_refused(tmp_path, dirs, monke
 
 def test_export_replaces_an_old_export_but_not_other_folders(tmp_path, dirs):
     export_model(dirs["folded"], tmp_path / "out", "hf")
-    export_model(dirs["folded"], tmp_path / "out", "hf-compat")  # replaced on success
+    with pytest.raises(FileExistsError, match="--overwrite to replace it"):
+        export_model(dirs["folded"], tmp_path / "out", "hf-compat")
+    export_model(dirs["folded"], tmp_path / "out", "hf-compat", overwrite=True)  # replaced on success
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="does not look like a model export"):
-        export_model(dirs["folded"], tmp_path / "docs", "hf")
+    with pytest.raises(FileExistsError, match="lnfree export did not write"):
+        export_model(dirs["folded"], tmp_path / "docs", "hf", overwrite=True)
     assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
 
 

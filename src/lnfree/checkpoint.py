@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import SINGLE, World
+from .jsonfile import read_json
 from .models.base import LNModel
 from .models.io import FAMILIES
 
@@ -156,7 +157,7 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     """Load a checkpoint's weights (and optimizer state) into `model` — plain, DDP or FSDP2 — whatever world size
     wrote it; returns its RunState."""
     path = Path(path)
-    payload = json.loads((path / "state.json").read_text())
+    payload = read_json(path / "state.json")
     groups = payload.pop("optimizer")["param_groups"]
     state = RunState(**{k: v for k, v in payload.items() if k in RunState.__dataclass_fields__})
     if (path / "dcp").is_dir():
@@ -187,7 +188,7 @@ def load_checkpoint(path: Path, model: LNModel | None = None,
     process."""
     path = Path(path)
     if model is None:
-        payload = json.loads((path / "state.json").read_text())
+        payload = read_json(path / "state.json")
         model = FAMILIES[payload["family"]].build(payload["model_config"])
     return model, restore(path, model, optimizer)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import pickle
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -356,6 +358,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo")
     p.add_argument("--allow-partial", action="store_true",
                    help="export an unfinished run's newest checkpoint (the card says so)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier lnfree export in --out (only once the new one passed its parity check)")
     p.set_defaults(func=_run_export)
 
 
@@ -363,7 +367,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from .export.core import export_model
 
     result = export_model(args.source, args.out, args.fmt, push_to_hub=args.push_to_hub,
-                          allow_partial=args.allow_partial)
+                          allow_partial=args.allow_partial, overwrite=args.overwrite)
     parity = ", ".join(f"{k} {v:.1e}" for k, v in result.parity.items())
     fp32 = ", ".join(f"{k} {v:.1e}" for k, v in result.parity_fp32.items())
     print(f"wrote {result.path} ({result.format}); reload parity, max-abs logits: {parity} in float64 "
@@ -494,9 +498,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args) or 0
-    except SafetensorError as e:  # a truncated or foreign .safetensors file
-        _error(f"a weights file is unreadable ({str(e).splitlines()[0] if str(e) else 'corrupt'}); it may be "
-               "truncated — restore it, or resume from an earlier checkpoint")
+    except SafetensorError as e:  # a truncated or foreign .safetensors file, or a full disk while writing one
+        first = str(e).splitlines()[0] if str(e) else "corrupt"
+        if _disk_full(e):
+            _error(f"no space left on the device while writing weights ({first}); free space, then rerun (a run: "
+                   "--resume continues from its last complete checkpoint)")
+        else:
+            _error(f"a weights file is unreadable ({first}); it may be truncated — restore it, or resume from an "
+                   "earlier checkpoint")
+        return 2
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickle holding code
+        _error(f"a .bin weights file holds more than tensors and is not loaded (weights_only: "
+               f"{str(e).splitlines()[0][:120]}); convert it to safetensors, or load it from a source you trust")
         return 2
     except PeerLost as e:  # names the rank that stopped answering: every rank that saw it says so
         _error(str(e), every_rank=True)
@@ -504,11 +517,19 @@ def main(argv: list[str] | None = None) -> int:
     except PeerFailed:  # rank 0 stopped and said why
         return 2
     except (ValueError, FileNotFoundError, OSError, DataSourceError, TrainingDiverged) as e:
-        _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if _disk_full(e):
+            _error(f"no space left on the device ({e}); free space, then rerun (a run: --resume continues from its "
+                   "last complete checkpoint)")
+        else:
+            _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 2
     except KeyboardInterrupt:
         print("lnfree: interrupted", file=sys.stderr)
         return 130
+
+
+def _disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) or "os error 28" in str(e)
 
 
 def _error(msg: str, every_rank: bool = False) -> None:

@@ -412,7 +412,13 @@ def run_compare(original: str, lnfree: str, data: str, *, vanilla: str | None = 
     models, dirs = {}, {}
     for name, source in sources.items():
         if name == "lnfree":
-            src = load_norm_free(source)  # folded; refused while a norm is live
+            try:
+                src = load_norm_free(source)  # folded; refused while a norm is live
+            except ValueError as e:
+                if not models["original"].has_normalization:  # the norm-free model came first
+                    raise ValueError(f"{e}; and {original} has no normalization — the order is ORIGINAL LNFREE: swap "
+                                     "the two models") from None
+                raise
             models[name], dirs[name] = src.model, src.model_dir
         else:
             models[name], where = load_source(source)

@@ -189,15 +189,27 @@ def freeze_all_cost(model_dir: Path, calib: list[torch.Tensor], val: list[torch.
     return val_ce(model, val, "frozen, no FT")["mean"]
 
 
+DEMO_MARK = "lnfree-demo.json"  # the demo's claim on its --out: an earlier demo's folder is redone, nothing else
+
+
+def claim_demo_folder(out: Path) -> None:
+    """The demo writes into a new or empty folder, or one an earlier demo wrote (its runs, report and export are
+    redone); it refuses a folder holding anything else rather than overwrite a file it did not write."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder; give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARK).is_file():
+        raise ValueError(f"--out {out} holds files an lnfree demo did not write; give a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text(json.dumps({"written_by": "lnfree demo"}) + "\n")
+
+
 def run_demo(out: Path, cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     cfg = cfg or DemoConfig()
     out = Path(out)
     t0 = time.time()
     cache = demo_cache_dir()
-    if fresh:
-        shutil.rmtree(out, ignore_errors=True)
+    claim_demo_folder(out)  # --fresh redoes the analog, not the folder: the demo rewrites only its own files
     cache.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     token_cache = cache / "tokens"
     train_files, val_files = list_source_files("stdlib", "train"), list_source_files("stdlib", "val")
     mb = lambda fs: sum(p.stat().st_size for p in fs) / 1e6
@@ -288,7 +300,7 @@ def _verify_and_export(model_dir: Path, out: Path) -> dict:
     from .export.verify import verify
 
     report = verify(load_model(model_dir), exports=True)
-    export_model(str(model_dir), out / "export", fmt="hf")
+    export_model(str(model_dir), out / "export", fmt="hf", overwrite=True)  # the demo's own earlier export
     return {"passed": report.passed, "failures": list(report.failures), "figures": list(report.figures())}
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import SequenceSampler, build_token_cache
-from .demo import _say, _verify_and_export, val_ce
+from .demo import _say, _verify_and_export, claim_demo_folder, val_ce
 from .models import load_model
 from .models.io import load_source
 from .plots import plot_loss
@@ -51,6 +51,7 @@ def run_real_demo(out: Path, cfg: RealDemoConfig | None = None) -> dict:
     out = Path(out)
     t0 = time.time()
     original, where = load_source(REAL_SOURCE)  # one line if the wheel is missing
+    claim_demo_folder(out)
     preset = cfg.preset or default_preset(original.family)
     _say(f"model: {REAL_SOURCE} ({where.gguf['file']}, sha256 {where.gguf['sha256'][:12]}…), "
          f"{sum(p.numel() for p in original.parameters()) / 1e6:.0f}M parameters, {original.n_layers} layers, "

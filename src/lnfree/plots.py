@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from .jsonfile import read_json, read_jsonl
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,15 +23,12 @@ def site_colour(site: str) -> tuple[str, str]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _run_info(run_dir: Path) -> dict:
     path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -41,10 +39,19 @@ def _smooth(values: list[float], k: int) -> list[float]:
     return out
 
 
+def _readable(run: Path) -> bool:
+    """A sibling run whose files can be read; a damaged one is left out of this run's figures, not fatal to it."""
+    try:
+        read_metrics(run), _run_info(run)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _siblings(run_dir: Path) -> list[Path]:
     """Other runs in the same parent folder (an LN-free run and its control usually sit side by side)."""
     return sorted(p for p in run_dir.parent.iterdir()
-                  if p != run_dir and p.is_dir() and (p / "metrics.jsonl").exists())
+                  if p != run_dir and p.is_dir() and (p / "metrics.jsonl").exists() and _readable(p))
 
 
 def _draw_loss(ax, run_dir: Path, others: list[Path]) -> None:
@@ -209,6 +216,6 @@ def plot_with_siblings(run_dir: Path) -> None:
     both plots show both curves."""
     run_dir = Path(run_dir)
     plot_loss(run_dir)
-    for sibling in run_dir.parent.iterdir():
-        if sibling != run_dir and (sibling / "metrics.jsonl").exists() and (sibling / "run.json").exists():
+    for sibling in _siblings(run_dir):
+        if (sibling / "run.json").exists():
             plot_loss(sibling)

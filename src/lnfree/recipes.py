@@ -219,10 +219,12 @@ def lnfree_uniform(n_layer: int) -> Recipe:
     """
     base = lnfree(n_layer)
     span = base.removal.special_span
+    warm = build_schedule(base.removal, standard_layout(n_layer), base.total_steps).total_steps // 5
     # the outlier special (below) at every site once it freezes, eased out site by site over a whole span each;
-    # EOT positions need no special of their own (an EOT token that is an outlier is one)
-    removal = replace(base.removal, eot_kinds=(), bos_ramp=span)
-    train = replace(base.train, lr=1e-4, min_lr=1e-5, dropout=0.0, aux_weight=1.0, aux_kind="sites",
+    # EOT positions need no special of their own (an EOT token that is an outlier is one); the first freeze waits
+    # for a warm phase in which the auxiliary loss alone shrinks the massive activations
+    removal = replace(base.removal, eot_kinds=(), bos_ramp=span, start=base.removal.start + warm)
+    train = replace(base.train, lr=1e-4, min_lr=1e-5, dropout=0.0, aux_weight=10.0, aux_kind="sites",
                     betas=(0.9, 0.95))
     sigma = SigmaRule(statistic="geo_std", positions="apart", ema="step", momentum=0.9, special="outlier",
                       outlier_factor=1.0)

@@ -3,6 +3,8 @@
 * A new run needs an empty (or absent) folder. A folder holding a run is reused only with `--resume`
   (continue it) or `--overwrite` (clear it and start again); a folder holding anything else is never touched.
 * A lock file stops a second process from writing into the same run; a lock left by a dead process is taken over.
+  The lock is taken before anything else, so `--overwrite` can never clear a folder another process is writing.
+* A new run refused before its first step leaves no run behind (its run.json goes), so the same command works again.
 * `--resume` continues exactly what was started: a setting given on the command line that differs from the run's
   own record (run.json) is refused, naming it.
 * Temp files a killed checkpoint write left behind are removed when a run (re)starts.
@@ -11,13 +13,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from .config import RESUME_SAFE, flag
+from .jsonfile import read_json
 
 # What a run writes into its folder (reporters and `lnfree plot` included); --overwrite clears these and nothing else.
 RUN_FILES = {"run.json", "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock", "tensorboard", "wandb",
@@ -39,9 +41,12 @@ def prepare(out: Path, *, resume: bool, overwrite: bool) -> None:
         if not is_run_folder(out):
             raise FileNotFoundError(f"--resume: {out} holds no run (no run.json, no checkpoints/); drop --resume "
                                     "to start one")
+        if (out / "final").is_dir():
+            raise ValueError(f"--resume: the run in {out} is finished (its model is in {out / 'final'}); nothing is "
+                             "left to continue — use final/, or --overwrite to run it again")
         return
-    if not out.exists() or not any(out.iterdir()):
-        return
+    if not out.exists() or not any(p.name != LOCK for p in out.iterdir()):
+        return  # empty, or holding only our own lock
     if not is_run_folder(out):
         raise ValueError(f"--out {out} is not empty and holds no lnfree run; give a new or empty folder")
     if not overwrite:
@@ -77,9 +82,11 @@ def locked(out: Path) -> Iterator[None]:
             break
         except FileExistsError:
             try:
-                pid = int(lock.read_text().strip() or 0)
+                text = lock.read_text().strip()
+                pid = int(text or 0)
             except (OSError, ValueError):
-                pid = 0
+                raise ValueError(f"{lock} exists and is not an lnfree lock; give a folder of your own to --out, or "
+                                 "move that file away") from None
             if pid and pid != os.getpid() and _alive(pid):
                 raise ValueError(f"another lnfree process (pid {pid}) is writing to {out}; wait for it or stop "
                                  "it") from None
@@ -94,6 +101,20 @@ def locked(out: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
         if created and not any(out.iterdir()):
             out.rmdir()  # refused before anything was written: leave no empty folder behind
+
+
+def discard_unstarted(out: Path) -> None:
+    """After a new run failed: when it never finished a step (no checkpoint, no metrics line, no final/), remove
+    what it wrote, so the folder is not mistaken for a run that needs --overwrite."""
+    out = Path(out)
+    checkpoints, metrics = out / "checkpoints", out / "metrics.jsonl"
+    if (out / "final").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    if metrics.exists() and metrics.stat().st_size > 0:
+        return
+    for name in ("run.json", "metrics.jsonl", "checkpoints"):
+        path = out / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def remove_stale_temps(out: Path) -> None:
@@ -116,7 +137,7 @@ def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: st
     """Refuse a `--resume` whose command line changes the run: the mode, model, data, an explicitly given preset
     (resolved name) and every explicitly given training setting must equal what run.json recorded — except the
     settings in `config.RESUME_SAFE` (checkpointing, validation cadence, device)."""
-    saved = json.loads((Path(out) / "run.json").read_text())
+    saved = read_json(Path(out) / "run.json")
     if saved.get("mode") != mode:
         fix = "add --control" if saved.get("mode") == "control" else "drop --control"
         raise ValueError(f"--resume: {out} is a {saved.get('mode')} run and the command asks for a {mode} run; {fix}")

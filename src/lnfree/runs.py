@@ -7,15 +7,17 @@ final/ — a `transformers` checkpoint (LN-free runs: folded, no normalization) 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from . import distributed, rundir
 from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig, check_settings
 from .data import DataSourceError, SequenceSampler, build_token_cache
+from .jsonfile import read_json
 from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
 from .method.sigma import SigmaRule
 from .models import save_model
@@ -161,8 +163,8 @@ def _run_folder(out_dir: Path, resume: bool, overwrite: bool, world: distributed
         error = None
         if world.is_main:
             try:
+                stack.enter_context(rundir.locked(out_dir))  # first: nothing is cleared under a running run
                 rundir.prepare(out_dir, resume=resume, overwrite=overwrite)
-                stack.enter_context(rundir.locked(out_dir))
                 rundir.remove_stale_temps(out_dir)
             except Exception as e:  # noqa: BLE001 - re-raised here, reported to the other ranks
                 error = e
@@ -170,7 +172,12 @@ def _run_folder(out_dir: Path, resume: bool, overwrite: bool, world: distributed
             if error is not None:
                 raise error
             raise distributed.PeerFailed("rank 0 refused the run folder")
-        yield
+        try:
+            yield
+        except BaseException:
+            if world.is_main and not resume:
+                rundir.discard_unstarted(out_dir)
+            raise
 
 
 def _run_removal(model_source, data, out_dir, preset, overrides, control, resume, cache_root, progress,
@@ -179,6 +186,10 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     model_dir = where.model_dir
     if not model.has_normalization or all(s.is_frozen for s in model.norm_sites().values()):
         raise ValueError(f"{model_source} has no live LayerNorm to remove")
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise ValueError(f"{model_source} holds non-finite weights ({len(broken)} tensor(s), e.g. {broken[0]}): "
+                         "nothing can be fine-tuned from NaN or inf; restore the model files")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
     plan = removal_plan(model.site_layout(), preset or default_preset(model.family), overrides, model.family)
@@ -187,7 +198,7 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     if resume:  # continue exactly what was started, and refuse a command line that would change it
         rundir.check_resume_matches(out_dir, mode, str(model_source), data, plan.preset if preset else None,
                                     {k: v for k, v in overrides.items() if v is not None})
-        saved = json.loads((out_dir / "run.json").read_text())
+        saved = read_json(out_dir / "run.json")
         safe = {k: v for k, v in overrides.items() if k in RESUME_SAFE and v is not None}
         cfg, schedule = replace(TrainConfig.from_dict(saved["train"]), **safe), Schedule.from_dict(saved["schedule"])
         sigma = SigmaRule.from_dict(saved["sigma"]) if "sigma" in saved else sigma

@@ -30,6 +30,7 @@ from torch import Tensor
 from . import distributed
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import TrainConfig, check_settings
+from .jsonfile import atomic_write, read_jsonl
 from .method.aux import aux_std_loss
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
@@ -290,7 +291,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     if mode == "lnfree":
         run_info["sigma"] = sigma.to_dict()
     if main:
-        (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))
+        atomic_write(run_dir / "run.json", json.dumps(run_info, indent=1))
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
     batches = _Batches(sampler, seqs_per_step, world.rank_rows(seqs_per_step, cfg.micro_batch), device)
@@ -397,5 +398,5 @@ def _truncate_metrics(path: Path, start: int) -> None:
     """Drop metric lines of steps at or after `start` (written after the checkpoint a resume starts from)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [record for record in read_jsonl(path) if record["step"] < start]  # a torn last line goes too
+    atomic_write(path, "".join(json.dumps(record) + "\n" for record in keep))

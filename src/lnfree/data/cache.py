@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from lnfree.jsonfile import atomic_write, read_json
 from lnfree.tokenizer import tokenizer_fingerprint
 
 from .sources import (
@@ -359,7 +360,7 @@ def build_token_cache(
     if _read_valid_manifest(folder) is None:
         manifest = _build(resolved, tokenizer, source, split, folder, max_documents, max_tokens, num_proc, progress)
         manifest.update(tokenizer_fingerprint=fingerprint, cache_key=key, cache_key_digest=key_digest)
-        _atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return TokenCache.open(folder, tokenizer)
 
 
@@ -565,7 +566,7 @@ def _default_num_proc() -> int:
 def _read_valid_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest if ``folder`` holds a complete, intact cache of this format, else None (rebuild it)."""
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = read_json(folder / MANIFEST_FILE)
         complete = (
             manifest.get("format") == CACHE_FORMAT
             and manifest.get("format_version") == CACHE_FORMAT_VERSION
@@ -600,15 +601,3 @@ def hash_into(digest: Any, handle: BinaryIO) -> Any:
 def _open_tokens(folder: Path, manifest: dict[str, Any]) -> np.memmap:
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     return np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r", shape=(int(manifest["token_count"]),))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

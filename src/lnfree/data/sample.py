@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..jsonfile import atomic_write
 from .sources import (
     MANIFEST_FILE,
     ROW_SUFFIXES,
@@ -98,12 +100,18 @@ def permutation(n: int, seed: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive use of a cache folder while it is built or extended (two runs starting together wait)."""
+    """Exclusive use of a cache folder while it is built or extended (two runs starting together wait). A folder
+    made here whose build failed before writing anything (a source that cannot be read) is removed again."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
+        except BaseException:
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -155,7 +163,8 @@ def build_or_extend(resolved: _Source, doc_tokenizer: Any, source: str, split: s
         out.flush()
         os.fsync(out.fileno())
     if count == 0:
-        raise DataSourceError(f"no usable documents in {source!r} split {split!r}")
+        raise DataSourceError(f"no usable documents in {source!r} split {split!r}: every document read was empty, "
+                              "binary or not UTF-8 text; give UTF-8 text files (or a dataset with a text column)")
     previous = manifest["sample"] if manifest else {"documents": 0, "empty_documents": 0}
     return {**base_manifest, "token_count": count, "tokens_sha256": digest.hexdigest(),
             "n_documents": previous["documents"] + documents,
@@ -171,6 +180,5 @@ def covers(manifest: dict | None, need: int) -> bool:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    from .cache import _atomic_write
 
-    _atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(folder / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())

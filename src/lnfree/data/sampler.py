@@ -105,8 +105,9 @@ class SequenceSampler:
         ):
             if int(state[name]) != mine:
                 raise ValueError(
-                    f"sampler state is for {name}={state[name]}, this sampler has {name}={mine}; "
-                    "resume with the same token cache and ctx"
+                    "--resume: the tokens this run reads differ from those it started on (the data or the "
+                    f"tokenizer changed since: {name} {state[name]} then, {mine} now); resume with the same data "
+                    "and model, or start a new run"
                 )
         position = int(state["position"])
         if not 0 <= position < self.n_sequences:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..jsonfile import read_jsonl
 from ..models.io import FAMILIES
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def _training_section(run_dir: Path | None) -> str:
         if extra:
             parts += ["### Other run facts", _table(_flatten(extra))]
     if metrics_path and metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = read_jsonl(metrics_path)
         if records:
             last = records[-1]
             events = sum(len(r.get("events", [])) for r in records)

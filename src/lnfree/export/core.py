@@ -30,8 +30,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..jsonfile import read_json
 from ..models.base import LNModel
-from ..models.io import FAMILIES, TOKENIZER_FILES, copy_tokenizer_files, load_model, load_source, save_model
+from ..models.io import (
+    FAMILIES,
+    TOKENIZER_FILES,
+    copy_tokenizer_files,
+    load_model,
+    load_source,
+    save_model,
+    share_like_umask,
+)
 
 FORMATS = ("hf", "hf-compat")
 # The gate on a reloaded export: max-abs logits, evaluated in float64 from the stored fp32 weights (see
@@ -107,7 +116,7 @@ def load_norm_free(source: str | os.PathLike, allow_partial: bool = True) -> Sou
     model, where = load_source(source, unfinished_runs=True)
     partial = None
     if where.checkpoint is not None:
-        state = json.loads((where.checkpoint / "state.json").read_text())
+        state = read_json(where.checkpoint / "state.json")
         partial = f"step {state['step']} of {state.get('schedule', {}).get('total_steps', '?')}"
         if not allow_partial:
             raise ValueError(f"{source} is an unfinished run (no final/; newest checkpoint at {partial}); finish it "
@@ -226,11 +235,20 @@ def write_format(model: LNModel, folder: Path, fmt: str) -> None:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 
-def _check_target(out: Path) -> None:
+EXPORT_MARK = "lnfree-export.json"  # written into every export: what --overwrite may replace
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """A new or empty folder; an earlier lnfree export only with `overwrite`; never anything else."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise FileExistsError(f"{out} exists and does not look like a model export; choose an empty --out")
+        raise FileExistsError(f"--out {out} exists and is not a folder; give a new folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / EXPORT_MARK).is_file():
+        raise FileExistsError(f"--out {out} holds files that lnfree export did not write; give a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"--out {out} already holds an lnfree export; give a new folder, or --overwrite to "
+                              "replace it")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -245,14 +263,16 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt: str = "hf", *,
-                 card: bool = True, push_to_hub: str | None = None, allow_partial: bool = False) -> ExportResult:
+                 card: bool = True, push_to_hub: str | None = None, allow_partial: bool = False,
+                 overwrite: bool = False) -> ExportResult:
     """Export `source` to `out` in format `fmt`, parity-checked; returns the measured reload errors. An
-    unfinished run is refused unless `allow_partial` (the card then says which checkpoint it came from)."""
+    unfinished run is refused unless `allow_partial` (the card then says which checkpoint it came from). `out`
+    must be new or empty, or (with `overwrite`) an earlier lnfree export, replaced only once the new one passed."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     src = source if isinstance(source, Source) else load_norm_free(source, allow_partial)
     out = Path(out).expanduser()
-    _check_target(out)
+    _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -268,6 +288,8 @@ def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt
             raise ParityError(f"{fmt} export failed its parity check: max-abs logit error {worst:.2e} > "
                               f"{gate:.1e} ({routes}); nothing written{hint}")
         result = ExportResult(out, fmt, parity, parity_fp32, gate)
+        (tmp / EXPORT_MARK).write_text(json.dumps({"format": fmt, "source": src.name, "parity": parity}, indent=1))
+        share_like_umask(tmp)
         if card:
             from .card import write_card
 

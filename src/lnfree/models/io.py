@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..jsonfile import read_json
 from .base import Family, LNModel
 from .gpt2 import GPT2_FAMILY
 from .llama import LLAMA_FAMILY
@@ -124,7 +125,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return load_file(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
     bin_file = folder / "pytorch_model.bin"
     if bin_file.is_file():
@@ -135,7 +136,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 def load_model(source: str | os.PathLike, dtype: torch.dtype | None = None) -> LNModel:
     """Any supported `transformers` checkpoint (folder or hub id) → our model with every site live."""
     folder = resolve_source(source).model_dir
-    hf_config = json.loads((folder / "config.json").read_text())
+    hf_config = read_json(folder / "config.json")
     family = family_of(hf_config)
     model = family.from_hf(hf_config, read_state_dict(folder))
     model.source = str(source)
@@ -163,6 +164,7 @@ def save_model(model: LNModel, out_dir: str | os.PathLike, tokenizer_from: str |
                   metadata={"format": "pt"})
         if tokenizer_from is not None:
             copy_tokenizer_files(Path(tokenizer_from), tmp)
+        share_like_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
