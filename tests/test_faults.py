@@ -173,3 +173,28 @@ def test_a_pickled_weights_file_is_one_line(tiny_setup, tmp_path, capsys):
     assert main(["eval", str(folder), "--data", "stdlib-val", "--tokens", "64", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds more than tensors" in err, err
+
+
+def test_a_resume_on_changed_data_says_the_data_changed(tiny_setup, tmp_path, capsys):
+    import shutil
+
+    corpus = _copy(tiny_setup["corpus"], tmp_path / "corpus")
+    setup = {**tiny_setup, "corpus": corpus, "cache": tmp_path / "cache"}
+    run = tmp_path / "run"
+    assert _run(setup, run, capsys=capsys)[0] == 0
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_00000012")
+    (corpus / "new.txt").write_text((corpus / "doc0.txt").read_text().upper())  # a document added since
+    _refused(_run(setup, run, "--resume", capsys=capsys), "the data or the tokenizer changed")
+
+
+def test_a_full_disk_while_saving_says_so(tiny_setup, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import lnfree.checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lnfree.checkpoint, "save_file", full)
+    _refused(_run(tiny_setup, tmp_path / "run", capsys=capsys), "no space left on the device", "--resume")

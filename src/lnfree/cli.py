@@ -309,7 +309,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline end-to-end demo on a small analog pretrained on the Python stdlib")
     p.add_argument("--out", type=Path, default=Path("lnfree-demo"), help="report folder (default ./lnfree-demo)")
     p.add_argument("--fresh", action="store_true",
-                   help="pretrain this analog again and clear --out (other cached analogs are kept)")
+                   help="pretrain this analog again (other cached analogs are kept)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
     p.add_argument("--family", default="gpt2", help="the analog's family: gpt2, gpt_neox or llama")
