@@ -10,10 +10,10 @@ import stat
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_rundir import _refused, _run
-from test_train import _losses
 
 from lnfree.cli import main
+from test_rundir import _refused, _run
+from test_train import _losses
 
 
 @pytest.fixture(scope="module")
