@@ -43,6 +43,13 @@ def test_phases_in_order_at_every_depth(name, n_layer):
         s = recipe_schedule(get_recipe(name, n_layer), n_layer)
     assert sorted(s.freeze_at) == sorted(site.name for site in standard_layout(n_layer))
     steps = _phase_steps(s)
+    lagged = name != "per-site specials" and get_recipe(name, n_layer).removal.bos_lag is not None
+    if lagged:  # each site's special goes a fixed lag after its own freeze, while later sites still freeze
+        lag = get_recipe(name, n_layer).removal.bos_lag
+        scaled = s.rescaled_from is not None
+        assert all(off > s.freeze_at[site] and (scaled or off == s.freeze_at[site] + lag)
+                   for site, off in s.bos_off.items())
+        steps["bos"] = []
     present = [p for p in PHASES if steps[p]]
     for before, after in zip(present, present[1:], strict=False):  # every step of a phase ≤ every step of the next one
         assert max(steps[before]) <= min(steps[after]), (before, after)
@@ -158,3 +165,13 @@ def test_a_run_too_short_for_its_events_is_refused_with_the_fewest_steps_that_fi
     assert main(["schedule", "--preset", preset, "--layers", str(layers), "--steps", str(steps)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"give --steps {least} or more" in err, err
+
+
+def test_a_lagged_special_goes_a_fixed_time_after_its_own_freeze():
+    spec = RemovalSpec(start=2, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 2}, eot_after=0, bos_after=0, tail=4,
+                       bos_kinds=("ln2", "ln1v"), bos_ramp=3, bos_lag=5)
+    s = build_schedule(spec, standard_layout(3))
+    assert s.bos_off == {site: at + 5 for site, at in s.freeze_at.items() if site_kind(site) in ("ln2", "ln1v")}
+    site = "blocks.0.ln2"  # frozen at its special's full weight, eased out over the 3 steps before it goes
+    weights = [s.state_at(s.freeze_at[site] + k)[site].bos_weight for k in range(7)]
+    assert weights[:3] == [1.0, 1.0, 1.0] and 0 < weights[3] < 1 and weights[5:] == [0.0, 0.0]

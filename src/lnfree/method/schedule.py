@@ -61,7 +61,9 @@ class RemovalSpec:
     go from `eot_after` steps after the last freeze, the position-0 specials from `bos_after` steps after the
     last EOT removal; `special_span` 0 removes every site's special in one step, s > 0 one site after another, in
     removal order, spread evenly over s steps; each is eased out linearly over the `*_ramp` steps before it goes
-    (0: in one step). Start 0 and no gaps is "all at once".
+    (0: in one step). With `bos_lag` set, each site's position-0 special goes `bos_lag` steps after that site
+    froze instead (a site hardens while the next ones freeze, not all together at the end). Start 0 and no gaps
+    is "all at once".
     """
 
     start: int
@@ -75,6 +77,7 @@ class RemovalSpec:
     eot_kinds: tuple[str, ...] = ()
     bos_kinds: tuple[str, ...] = ()
     special_span: int = 0
+    bos_lag: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,10 @@ def build_schedule(spec: RemovalSpec, layout: list[SiteSpec], total_steps: int |
     ordered = sorted(layout, key=lambda s: freeze_at[s.name])  # removal order
     eot_off = _special_offs(ordered, spec.eot_kinds, step + spec.eot_after, spec.special_span)
     eot_end = max(eot_off.values(), default=step + spec.eot_after)
-    bos_off = _special_offs(ordered, spec.bos_kinds, eot_end + spec.bos_after, spec.special_span)
+    if spec.bos_lag is None:
+        bos_off = _special_offs(ordered, spec.bos_kinds, eot_end + spec.bos_after, spec.special_span)
+    else:
+        bos_off = {s.name: freeze_at[s.name] + spec.bos_lag for s in ordered if s.kind in spec.bos_kinds}
     schedule = Schedule(total_steps=0, freeze_at=freeze_at, eot_off=eot_off, bos_off=bos_off,
                         eot_ramp=spec.eot_ramp, bos_ramp=spec.bos_ramp)
     last = schedule.last_event
