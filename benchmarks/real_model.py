@@ -1,5 +1,7 @@
 """A real pretrained model before and after norm removal (issue 20: SmolLM2-135M from its GGUF wheel).
 
+    warm     — every norm live, CE + the uniformity loss only (lnfree-uniform's warm phase): position-0 ratio and
+               held-out CE as the massive activations shrink
     profile  — the original: held-out CE, position 0's residual norm over the median token's per block, the cost of
                freezing every site at once (no fine-tuning; common σ̂, with position-0 / EOT specials, and with
                lnfree-uniform's outlier special at full weight), and a
@@ -11,6 +13,7 @@
 
     .venv/bin/python benchmarks/real_model.py profile smollm2-135m --out results/smollm2
     .venv/bin/python benchmarks/real_model.py table smollm2-135m RUN... --control RUN_CONTROL --out results/smollm2
+    .venv/bin/python benchmarks/real_model.py warm smollm2-135m --tokens 2048 --steps 50
 
 No assertions: this is a measurement. CE uses `lnfree eval`'s protocol (stdlib-val, fp32, no BOS).
 """
@@ -102,6 +105,37 @@ def profile(args) -> None:
     (out / "profile.json").write_text(json.dumps(result, indent=1))
     plot_sensitivity(delta, model.n_layers, out / "sensitivity.png", args.model)
     print(json.dumps({k: v for k, v in result.items() if k != "sensitivity"}, indent=1))
+
+
+def warm(args) -> None:
+    """Every norm live, CE + weight × the "sites" uniformity loss (lnfree-uniform's warm phase, on its own): how fast
+    the massive activations shrink and what it costs. Prints held-out CE and position 0's ratio per block."""
+    from lnfree.train import next_token_loss
+
+    model, where = load_source(args.model)
+    tokenizer = load_tokenizer(where.model_dir)
+    batches = val_batches(tokenizer, args.ctx, args.tokens)
+    train = build_token_cache("stdlib", tokenizer, split="train", need_tokens=args.ctx * 8 * (args.steps + 10),
+                              progress=False)
+    sampler = SequenceSampler(train, args.ctx, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def report(step: int) -> None:
+        ratios = " ".join(f"{x:.0f}" for x in position0_ratio(model, batches[0]))
+        print(f"step {step}: held-out CE {ce(model, batches):.4f}; position-0 ratio per block {ratios}", flush=True)
+
+    report(0)
+    for step in range(1, args.steps + 1):
+        model.train()
+        for idx in sampler.next_batch(8).split(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16), model.uniformity_terms() as terms:
+                loss = next_token_loss(model(idx), idx)
+            ((loss + args.weight * torch.stack(terms).mean()) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.every == 0:
+            report(step)
 
 
 def plot_sensitivity(delta: dict[str, float], n_layers: int, path: Path, title: str) -> None:
@@ -212,7 +246,14 @@ def main() -> None:
     t.add_argument("runs", nargs="+")
     t.add_argument("--control")
     t.set_defaults(func=table)
-    for q in (p, t):
+    w = sub.add_parser("warm")
+    w.add_argument("model")
+    w.add_argument("--weight", type=float, default=10.0)
+    w.add_argument("--steps", type=int, default=50)
+    w.add_argument("--every", type=int, default=25)
+    w.add_argument("--lr", type=float, default=1e-4)
+    w.set_defaults(func=warm)
+    for q in (p, t, w):
         q.add_argument("--out", default="results/real-model")
         q.add_argument("--ctx", type=int, default=256)
         q.add_argument("--tokens", type=int, default=16384)

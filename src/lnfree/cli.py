@@ -10,6 +10,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+# Flags several commands share, declared once.
+SHARED_FLAGS = {
+    "--cache-dir": {"type": Path, "help": "token cache root (default ~/.cache/lnfree/tokens)"},
+    "--quiet": {"action": "store_true", "help": "no progress display"},
+    "--device": {"help": "cuda / cpu (default: cuda when available)"},
+}
+
+
+def _shared(p: argparse.ArgumentParser, *flags: str) -> None:
+    for name in flags:
+        p.add_argument(name, **SHARED_FLAGS[name])
+
 
 def _add_schedule(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="print a removal preset's timeline (step, site, event)")
@@ -79,8 +91,7 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
                    "split of --data)")
     p.add_argument("--report-to", default="none", help="comma list: tensorboard, wandb (offline without "
                    "WANDB_API_KEY), none; metrics.jsonl is always written")
-    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _shared(p, "--cache-dir", "--quiet")
     group = p.add_argument_group(f"training settings (default: {where})")
     for f in fields(TrainConfig):
         if f.name in _NOT_FLAGS:
@@ -275,10 +286,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-samples", action="store_true", help="with --output-path: every scored sample too")
     p.add_argument("--names", help="comma list of column names, one per model")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the models' own)")
-    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    _shared(p, "--device")
     p.add_argument("--top-k", type=int, default=5, help="highest-loss sequences to list per model and dataset")
-    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _shared(p, "--cache-dir", "--quiet")
     p.set_defaults(func=_run_eval)
 
 
@@ -403,7 +413,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
                    "e.g. its vanilla control)")
     p.add_argument("--out", type=Path, help="image file (default RUN/plots.png)")
     p.add_argument("--no-residual", action="store_true", help="skip the residual-std panel (loads no model)")
-    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
+    _shared(p, "--cache-dir")
     p.set_defaults(func=_run_plot)
 
 
@@ -430,9 +440,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch [4]")
     p.add_argument("--top-neurons", type=int, default=20, help="neurons listed as changed most [20]")
     p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the models' own)")
-    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--cache-dir", type=Path, help="token cache root (default ~/.cache/lnfree/tokens)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _shared(p, "--device", "--cache-dir", "--quiet")
     p.set_defaults(func=_run_compare)
 
 
