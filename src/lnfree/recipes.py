@@ -225,11 +225,11 @@ def lnfree_uniform(n_layer: int) -> Recipe:
     base = lnfree(n_layer)
     span = base.removal.special_span
     warm = recipe_schedule(base, n_layer).total_steps // 5
-    # the outlier special (below) at every site once it freezes, eased out over a span right after (each site hardens
-    # while the next ones freeze);
+    # the outlier special (below) at every site once it freezes, eased out site by site over a whole span each after
+    # the last freeze (easing each out right after its own freeze, `bos_lag`, collapsed sooner: step 130 of 400);
     # EOT positions need no special of their own (an EOT token that is an outlier is one); the first freeze waits
     # for a warm phase in which the auxiliary loss alone shrinks the massive activations
-    removal = replace(base.removal, eot_kinds=(), bos_ramp=span, bos_lag=span, start=base.removal.start + warm)
+    removal = replace(base.removal, eot_kinds=(), bos_ramp=span, start=base.removal.start + warm)
     train = replace(base.train, lr=1e-4, min_lr=1e-5, dropout=0.0, aux_weight=10.0, aux_kind="sites",
                     betas=(0.9, 0.95))
     sigma = SigmaRule(statistic="geo_std", positions="apart", ema="step", momentum=0.9, special="outlier",
