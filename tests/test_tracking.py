@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import fields
@@ -171,6 +172,7 @@ def test_config_replays_a_run_and_resume_may_change_only_safe_settings(tiny_setu
     assert _remove(tiny_setup, tmp_path / "x", "--config", str(bad)) == 2
     assert "unknown setting 'learning_rate'" in capsys.readouterr().err
     # --resume may change how often it validates and checkpoints, not what it trains
+    shutil.rmtree(first / "final")  # as if killed while writing its final model: a resume has work left to do
     assert _remove(tiny_setup, first, "--steps", "6", "--lr", "1e-3", "--seed", "3", "--dropout", "0.1", "--resume",
                    "--checkpoint-every", "1", "--eval-every", "2", "--eval-data", str(_held_out(tmp_path))) == 0
 
