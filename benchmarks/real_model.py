@@ -6,6 +6,9 @@
                freezing every site at once (no fine-tuning; common σ̂, with position-0 / EOT specials, and with
                lnfree-uniform's outlier special at full weight), and a
                sensitivity map: each site frozen alone at its calibrated σ̂, ΔCE (figure: sensitivity.png)
+    cliff    — a removal run's checkpoint in its scheduled state: held-out CE as every frozen site's special is
+               turned down (weights 1 → 0) and with the outlier cap raised (k = 2, 4, 8), position 0's ratio, and at
+               a chosen weight the largest token norms per block — where a token runs away through frozen blocks
     table    — run folders side by side with the original: CE of original / control / norm-free on held-out text,
                gap, fraction of the freeze-all cost recovered (measured here: plain freeze-all, or with the outlier
                special where plain is not finite), tokens, wall time, and the position-0 ratio per block before
@@ -14,6 +17,7 @@
     .venv/bin/python benchmarks/real_model.py profile smollm2-135m --out results/smollm2
     .venv/bin/python benchmarks/real_model.py table smollm2-135m RUN... --control RUN_CONTROL --out results/smollm2
     .venv/bin/python benchmarks/real_model.py warm smollm2-135m --tokens 2048 --steps 50
+    .venv/bin/python benchmarks/real_model.py cliff smollm2-135m runs/smollm2/RUN/checkpoints/step_00000250
 
 No assertions: this is a measurement. CE uses `lnfree eval`'s protocol (stdlib-val, fp32, no BOS).
 """
@@ -128,7 +132,7 @@ def warm(args) -> None:
     for step in range(1, args.steps + 1):
         model.train()
         for idx in sampler.next_batch(8).split(4):
-            with torch.autocast("cpu", dtype=torch.bfloat16), model.uniformity_terms() as terms:
+            with torch.autocast("cpu", dtype=torch.bfloat16), model.uniformity_terms(args.aux_kind) as terms:
                 loss = next_token_loss(model(idx), idx)
             ((loss + args.weight * torch.stack(terms).mean()) / 2).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,6 +140,50 @@ def warm(args) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step % args.every == 0:
             report(step)
+
+
+def cliff(args) -> None:
+    """What a run's specials hide at one checkpoint (see the module docstring)."""
+    from dataclasses import replace
+
+    from lnfree.checkpoint import load_checkpoint
+    from lnfree.jsonfile import read_json
+    from lnfree.method.schedule import Schedule
+
+    _, where = load_source(args.model)
+    batches = val_batches(load_tokenizer(where.model_dir), args.ctx, args.tokens)
+    checkpoint = Path(args.checkpoint)
+    model, _ = load_checkpoint(checkpoint)
+    state = read_json(checkpoint / "state.json")
+    rule = SigmaRule(**read_json(checkpoint.parent.parent / "run.json")["sigma"])
+    scheduled = Schedule.from_dict(state["schedule"]).state_at(state["step"])
+
+    def at(weight: float, factor: float | None = None) -> None:
+        model.set_sigma_rule(rule if factor is None else replace(rule, outlier_factor=factor))
+        apply_site_states(model, {n: SiteState(s.frozen, min(s.bos_weight, weight) if s.frozen else 0.0, 0.0)
+                                  for n, s in scheduled.items()})
+
+    at(1.0)
+    frozen = sum(s.frozen for s in scheduled.values())
+    ratios = " ".join(f"{x:.1f}" for x in position0_ratio(model, batches[0]))
+    print(f"step {state['step']}, {frozen}/{len(scheduled)} sites frozen; position-0 ratio per block {ratios}")
+    for weight in (1.0, 0.75, 0.5, 0.25, 0.0):
+        at(weight)
+        print(f"specials at weight ≤ {weight}: held-out CE {ce(model, batches):.4f}", flush=True)
+    if rule.special == "outlier":
+        for factor in (2.0, 4.0, 8.0):
+            at(1.0, factor)
+            print(f"outlier cap at k = {factor:g} (weight 1): held-out CE {ce(model, batches):.4f}", flush=True)
+    at(args.weight)
+    cache: dict = {}
+    with torch.no_grad():
+        model.eval()(batches[0], cache=cache)
+    print(f"specials at weight {args.weight}: the largest token norms over the median, per block (batch, position)")
+    for i in range(model.n_layers):
+        norms = cache[f"blocks.{i}.hook_resid_pre"].float().norm(dim=-1)
+        top = (norms / norms.median()).flatten().topk(3)
+        found = zip(top.values.tolist(), (divmod(j, norms.shape[1]) for j in top.indices.tolist()), strict=True)
+        print(f"block {i:>2}: " + ", ".join(f"{v:.3g} at {w}" for v, w in found))
 
 
 def plot_sensitivity(delta: dict[str, float], n_layers: int, path: Path, title: str) -> None:
@@ -252,8 +300,14 @@ def main() -> None:
     w.add_argument("--steps", type=int, default=50)
     w.add_argument("--every", type=int, default=25)
     w.add_argument("--lr", type=float, default=1e-4)
+    w.add_argument("--aux-kind", default="sites", choices=("sites", "sites-worst"))
     w.set_defaults(func=warm)
-    for q in (p, t, w):
+    c = sub.add_parser("cliff")
+    c.add_argument("model")
+    c.add_argument("checkpoint", help="a removal run's checkpoints/step_N folder")
+    c.add_argument("--weight", type=float, default=0.25, help="special weight at which token norms are traced")
+    c.set_defaults(func=cliff)
+    for q in (p, t, w, c):
         q.add_argument("--out", default="results/real-model")
         q.add_argument("--ctx", type=int, default=256)
         q.add_argument("--tokens", type=int, default=16384)

@@ -30,6 +30,9 @@ def test_relative_and_log_forms_are_scale_free_and_baroni_is_not():
     geo_bar = math.exp(sum(math.log(v) for v in regular) / len(regular))  # the "sites" form's reference
     expected_log = sum(math.log(std[b, t].item() / geo_bar) ** 2 for b in range(2) for t in range(6)) / 12
     assert log_uniformity(std, eot).item() == pytest.approx(expected_log, rel=1e-6)
+    # "sites-worst" adds each sequence's most outlying token: the mean over sequences of max_t log²(σ_t/σ̄)
+    worst = sum(max(math.log(std[b, t].item() / geo_bar) ** 2 for t in range(6)) for b in range(2)) / 2
+    assert log_uniformity(std, eot, worst=True).item() == pytest.approx(expected_log + worst, rel=1e-6)
     for c in (1e-3, 7.0, 1e4):
         assert aux_std_loss(c * std, eot, "relative").item() == pytest.approx(aux_std_loss(std, eot, "relative").item(),
                                                                              rel=1e-5)
@@ -42,6 +45,8 @@ def test_the_sites_form_reads_every_norm_input_once(hf_gpt2_dir):
     the activation cache shows it, with gradients to the weights."""
     model = load_model(hf_gpt2_dir)
     idx = random_tokens(seq=20)
+    with model.uniformity_terms("sites-worst") as worst_terms:
+        model(idx)
     with model.uniformity_terms() as terms:
         model(idx)
     layers = model.norm_layers()
@@ -53,6 +58,7 @@ def test_the_sites_form_reads_every_norm_input_once(hf_gpt2_dir):
     first = cache["blocks.0.hook_resid_pre"]
     std = (first - first.mean(-1, keepdim=True)).pow(2).mean(-1).add(layers[0].eps).sqrt()
     assert terms[0].item() == pytest.approx(log_uniformity(std, eot).item(), rel=1e-5)
+    assert worst_terms[0].item() == pytest.approx(log_uniformity(std, eot, worst=True).item(), rel=1e-5)
     torch.stack(terms).mean().backward()
     assert model.wte.weight.grad.abs().sum() > 0
     assert all(layer.uniformity is None for layer in layers)  # switched off after the block

@@ -31,7 +31,7 @@ def _remove(tmp_path, *extra):
     ("--keep-checkpoints", "-1", "at least 1"), ("--eval-tokens", "0", "at least 1"),
     ("--grad-clip", "-1", "more than 0"), ("--spike-factor", "0", "more than 1"), ("--dropout", "1", "in [0, 1)"),
     ("--lr", "nan", "more than 0"), ("--ema-momentum", "1.5", "in [0, 1]"), ("--steps", "0", "at least 1"),
-    ("--aux-kind", "foo", "one of baroni, relative, sites"),
+    ("--aux-kind", "foo", "one of baroni, relative, sites, sites-worst"),
 ])
 def test_a_bad_number_is_refused_before_anything_is_read(tmp_path, capsys, flag, value, valid):
     _refused(capsys, _remove(tmp_path, flag, value), f"{flag} must be {valid}, got")

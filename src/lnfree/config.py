@@ -125,7 +125,8 @@ class TrainConfig:
                                   "ln_final input")
     aux_kind: str = _opt("baroni", "form of the auxiliary loss: baroni — (σ_t − σ̄)² at the ln_final input (Baroni "
                                    "et al. 2025); relative — the same over σ̄² (scale-free); sites — log²(σ_t/σ̄) at "
-                                   "every norm's input, averaged (ours; method/aux.py)")
+                                   "every norm's input, averaged (ours; method/aux.py); sites-worst — the same plus "
+                                   "each sequence's most outlying token (ours)")
     calibration_batches: int = _opt(4, "micro-batches that measure σ̂ before the first step")
     seed: int = _opt(0, "data order, dropout masks and calibration draws")
     control: bool = _opt(False, "vanilla control: the identical run with every LayerNorm kept")

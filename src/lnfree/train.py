@@ -31,7 +31,7 @@ from . import distributed
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import TrainConfig, check_settings
 from .jsonfile import atomic_write, read_jsonl
-from .method.aux import aux_std_loss
+from .method.aux import PER_NORM_KINDS, aux_std_loss
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import Schedule
 from .method.sigma import SigmaRule
@@ -180,8 +180,8 @@ class Stepper:
             torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
             with distributed.gradient_sync(self.wrapped, world, last=j == self.n_micro - 1):
                 with model.collect_norm_stats() if self.collect else contextlib.nullcontext(), _autocast(cfg, device):
-                    if cfg.aux_weight > 0 and cfg.aux_kind == "sites":
-                        with model.uniformity_terms() as terms:
+                    if cfg.aux_weight > 0 and cfg.aux_kind in PER_NORM_KINDS:
+                        with model.uniformity_terms(cfg.aux_kind) as terms:
                             logits = self.wrapped(idx)
                         aux = torch.stack(terms).mean()
                     elif cfg.aux_weight > 0:

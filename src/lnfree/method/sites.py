@@ -224,6 +224,7 @@ class RemovableLayerNorm(nn.Module):
         self.call_momentum: float | None = None  # "call" rule: σ̂ moves inside forward with this retention
         self.static = False  # one graph for every site state (torch.compile): `LNModel.set_static_graph`
         self.uniformity: list[Tensor] | None = None  # "sites" aux loss: each forward appends its term here
+        self.uniformity_worst = False  # "sites-worst": each term adds its sequences' most outlying token
 
     def tracked_sites(self) -> list[NormSite]:
         """The sites whose σ̂ still follows the input: the live ones — or, when the paths share σ̂ ("norm"
@@ -278,7 +279,7 @@ class RemovableLayerNorm(nn.Module):
         """x: (B, T, D) → one (B, T, D) output per path."""
         tracked = (list(self.sites) if self.static else self.tracked_sites()) if self.collecting else []
         if self.uniformity is not None:  # the "sites" auxiliary loss reads every norm's input std, with its gradient
-            self.uniformity.append(log_uniformity(self.input_std(x), eot_mask))
+            self.uniformity.append(log_uniformity(self.input_std(x), eot_mask, self.uniformity_worst))
         if self.static:
             return self._forward_static(x, eot_mask, tracked)
         if tracked:  # before any output: the per-call rule moves σ̂ first

@@ -77,16 +77,16 @@ class LNModel(nn.Module):
                 layer.collecting = False
 
     @contextlib.contextmanager
-    def uniformity_terms(self) -> Iterator[list[Tensor]]:
-        """The "sites" auxiliary loss (method/aux.py): every norm's log-uniformity term of the forwards run inside
-        this block, in one list (with their gradients)."""
+    def uniformity_terms(self, kind: str = "sites") -> Iterator[list[Tensor]]:
+        """The "sites" / "sites-worst" auxiliary loss (method/aux.py): every norm's log-uniformity term of the
+        forwards run inside this block, in one list (with their gradients)."""
         if self.gradient_checkpointing:
             raise ValueError("--aux-kind sites cannot be combined with --activation-checkpointing (a recomputed block "
                              "would measure its norms twice); use --aux-kind relative, or no checkpointing")
         terms: list[Tensor] = []
         layers = self.norm_layers()
         for layer in layers:
-            layer.uniformity = terms
+            layer.uniformity, layer.uniformity_worst = terms, kind == "sites-worst"
         try:
             yield terms
         finally:
