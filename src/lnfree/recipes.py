@@ -200,7 +200,7 @@ def lnfree(n_layer: int) -> Recipe:
 
 
 def lnfree_uniform(n_layer: int) -> Recipe:
-    """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with four changes:
+    """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with five changes:
 
       * an auxiliary loss that makes the per-token std uniform at the input of every norm, scale-free
         (`aux_kind` "sites-worst": mean log²(σ_t/σ̄) plus each sequence's largest term, weight 10), where
@@ -216,16 +216,18 @@ def lnfree_uniform(n_layer: int) -> Recipe:
         early delimiter tokens (a space at position 1: 10× the median in block 2, 600× after one frozen SwiGLU,
         inf by block 9). Capping outliers at 2σ̂ instead (first try) doubled the attention sink's keys and values
         at every freeze: held-out CE 2.08 → 3.29 over the Q/K phase, then gradient norms of 10³–10⁵ and CE 7.3
-        in the V phase;
+        in the V phase; with sites-worst, k = 2 was still worse than k = 1 (CE 3.48 against 1.92 at step 249 of
+        400, both diverging in the ease-out);
       * σ̂ as the geometric mean of the per-token std, followed by one EMA update per optimizer step (momentum
         0.9; the same at any micro-batch or world size): an exploding token lifted the mean-std σ̂ of later sites
         from ~4 to ~10⁵ within ten steps and crushed every ordinary token;
       * an lr for fine-tuning a pretrained model (1e-4, cosine to 1e-5 at twice the run), no dropout;
       * a warm phase (a fifth of the natural schedule) before the first freeze, with the auxiliary loss at weight
-        10: with every norm live, it shrank SmolLM2's position-0 ratio at block 12 from 166× the median token to
-        23× in 25 steps and 8× in 50 (2,048-token steps, lr 1e-4), while held-out CE went 2.018 → 1.962 → 1.980;
-        at weight 1 and no warm phase the massive activations were still there when the specials were eased out,
-        and the run collapsed then (CE 2.14 → 6.98).
+        10 (the figures of the first bullet); at weight 1 and no warm phase the massive activations were still
+        there when the specials were eased out, and the run collapsed then (CE 2.14 → 6.98).
+
+    Not yet a finished removal on SmolLM2: every variant so far diverges when the specials are eased out
+    (benchmarks/RESULTS.md).
     """
     base = lnfree(n_layer)
     span = base.removal.special_span
