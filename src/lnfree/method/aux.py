@@ -1,7 +1,7 @@
 """Auxiliary losses that keep the per-token residual std uniform, so that dividing by one fixed σ̂ costs little.
 
 σ_t is a token's std (RMSNorm: RMS) at a norm's input, σ̄ its mean over the regular positions of the batch (not
-position 0, not EOT positions), held fixed (no gradient through σ̄). Three forms (`TrainConfig.aux_kind`):
+position 0, not EOT positions), held fixed (no gradient through σ̄). Four forms (`TrainConfig.aux_kind`):
   * "baroni"   — Baroni et al. 2025: mean over every token of (σ_t − σ̄)² at the ln_final input. Its value grows
     with the square of the residual scale, so a weight chosen for GPT-2 means something else on another model
     (SmolLM2-135M: 298 at step 0, against CE 2).

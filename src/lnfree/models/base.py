@@ -81,8 +81,8 @@ class LNModel(nn.Module):
         """The "sites" / "sites-worst" auxiliary loss (method/aux.py): every norm's log-uniformity term of the
         forwards run inside this block, in one list (with their gradients)."""
         if self.gradient_checkpointing:
-            raise ValueError("--aux-kind sites cannot be combined with --activation-checkpointing (a recomputed block "
-                             "would measure its norms twice); use --aux-kind relative, or no checkpointing")
+            raise ValueError(f"--aux-kind {kind} cannot be combined with --activation-checkpointing (a recomputed "
+                             "block would measure its norms twice); use --aux-kind relative, or no checkpointing")
         terms: list[Tensor] = []
         layers = self.norm_layers()
         for layer in layers:
