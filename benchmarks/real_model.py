@@ -35,6 +35,7 @@ import torch
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo_real import position0_ratio
 from lnfree.evaluate import evaluate_ce, load_eval_data
+from lnfree.method.aux import PER_NORM_KINDS
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import SiteState
 from lnfree.method.sigma import SigmaRule
@@ -155,7 +156,7 @@ def cliff(args) -> None:
     checkpoint = Path(args.checkpoint)
     model, _ = load_checkpoint(checkpoint)
     state = read_json(checkpoint / "state.json")
-    rule = SigmaRule(**read_json(checkpoint.parent.parent / "run.json")["sigma"])
+    rule = SigmaRule.from_dict(read_json(checkpoint.parent.parent / "run.json")["sigma"])
     scheduled = Schedule.from_dict(state["schedule"]).state_at(state["step"])
 
     def at(weight: float, factor: float | None = None) -> None:
@@ -300,7 +301,7 @@ def main() -> None:
     w.add_argument("--steps", type=int, default=50)
     w.add_argument("--every", type=int, default=25)
     w.add_argument("--lr", type=float, default=1e-4)
-    w.add_argument("--aux-kind", default="sites", choices=("sites", "sites-worst"))
+    w.add_argument("--aux-kind", default="sites", choices=PER_NORM_KINDS)
     w.set_defaults(func=warm)
     c = sub.add_parser("cliff")
     c.add_argument("model")
