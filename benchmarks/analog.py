@@ -24,8 +24,8 @@ from pathlib import Path
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, shipped_analog, val_ce
 from lnfree.models import load_model
-from lnfree.recipes import PRESETS, get_recipe
-from lnfree.runs import removal_plan, run_removal
+from lnfree.run.recipes import PRESETS, get_recipe
+from lnfree.run.runs import removal_plan, run_removal
 from lnfree.tokenizer import load_tokenizer
 
 DEFAULT_METHODS = ["heimersheim2024", "baroni2025", "baroni2025-small-noaux", "all-at-once", "lnfree"]

@@ -1,4 +1,4 @@
-"""Eval throughput: `lnfree.evaluate.evaluate_ce` vs a plain `transformers` forward loop, side by side.
+"""Eval throughput: `lnfree.analysis.evaluate.evaluate_ce` vs a plain `transformers` forward loop, side by side.
 
 Both score the same random-weight GPT-2 (built with `transformers`, read into our model with `load_model`) on
 the same token batches; tokens/s counts next-token predictions, B × (ctx − 1) per batch. The `transformers`
@@ -50,7 +50,7 @@ def time_it(fn, device: str) -> float:
 
 
 def main() -> None:
-    from lnfree.evaluate import evaluate_ce
+    from lnfree.analysis.evaluate import evaluate_ce
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=SIZES, default="mini")

@@ -32,14 +32,16 @@ from pathlib import Path
 
 import torch
 
+from lnfree.analysis.evaluate import evaluate_ce, load_eval_data
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo_real import position0_ratio
-from lnfree.evaluate import evaluate_ce, load_eval_data
+from lnfree.jsonfile import read_jsonl
 from lnfree.method.aux import PER_NORM_KINDS
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import SiteState
 from lnfree.method.sigma import SigmaRule
-from lnfree.models.io import load_source
+from lnfree.run.record import RunRecord
+from lnfree.sources import load_source
 from lnfree.tokenizer import load_tokenizer
 
 
@@ -115,7 +117,7 @@ def profile(args) -> None:
 def warm(args) -> None:
     """Every norm live, CE + weight × the "sites" uniformity loss (lnfree-uniform's warm phase, on its own): how fast
     the massive activations shrink and what it costs. Prints held-out CE and position 0's ratio per block."""
-    from lnfree.train import next_token_loss
+    from lnfree.run.train import next_token_loss
 
     model, where = load_source(args.model)
     tokenizer = load_tokenizer(where.model_dir)
@@ -147,17 +149,17 @@ def cliff(args) -> None:
     """What a run's specials hide at one checkpoint (see the module docstring)."""
     from dataclasses import replace
 
-    from lnfree.checkpoint import load_checkpoint
     from lnfree.jsonfile import read_json
-    from lnfree.method.schedule import Schedule
+    from lnfree.run.checkpoint import load_checkpoint
 
     _, where = load_source(args.model)
     batches = val_batches(load_tokenizer(where.model_dir), args.ctx, args.tokens)
     checkpoint = Path(args.checkpoint)
     model, _ = load_checkpoint(checkpoint)
     state = read_json(checkpoint / "state.json")
-    rule = SigmaRule.from_dict(read_json(checkpoint.parent.parent / "run.json")["sigma"])
-    scheduled = Schedule.from_dict(state["schedule"]).state_at(state["step"])
+    record = RunRecord.read(checkpoint.parent.parent)
+    rule = record.sigma
+    scheduled = record.schedule.state_at(state["step"])
 
     def at(weight: float, factor: float | None = None) -> None:
         model.set_sigma_rule(rule if factor is None else replace(rule, outlier_factor=factor))
@@ -220,12 +222,12 @@ def plot_sensitivity(delta: dict[str, float], n_layers: int, path: Path, title: 
 
 
 def _run_facts(run: Path) -> dict:
-    info = json.loads((run / "run.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    record = RunRecord.read(run)
+    metrics = read_jsonl(run / "metrics.jsonl")
     seconds = sum(m["tokens"] / len(metrics) / m["tokens_per_s"] for m in metrics) if metrics else float("nan")
     tokens = metrics[-1]["tokens"] if metrics else 0
-    return {"preset": info.get("preset"), "seed": info["train"]["seed"], "steps": info["train"]["steps"],
-            "tokens": tokens, "train_seconds": seconds, "mode": info["mode"]}
+    return {"preset": record.preset, "seed": record.train.seed, "steps": record.train.steps,
+            "tokens": tokens, "train_seconds": seconds, "mode": record.mode}
 
 
 def table(args) -> None:

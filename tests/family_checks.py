@@ -44,7 +44,7 @@ def frozen_with_distinct_sigmas(folder):
 def removal_run_ends_verified(hf_model, tmp_path: Path, preset: str) -> str:
     """Fine-tune `hf_model` (its vocabulary resized to a local BPE) for 8 steps on stdlib text with `preset`;
     asserts `verify` passes on the run and returns the final model's architecture."""
-    from lnfree.runs import run_removal
+    from lnfree.run.runs import run_removal
     from lnfree.tokenizer import train_bpe_tokenizer
 
     corpus = tmp_path / "corpus"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import EOT, random_tokens
-from lnfree.evaluate import evaluate_ce
+from lnfree.analysis.evaluate import evaluate_ce
 from lnfree.method.aux import aux_std_loss, log_uniformity
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.diagnose import first_nonfinite_site

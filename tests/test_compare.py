@@ -15,10 +15,10 @@ import transformers
 
 from conftest import make_hf_gpt2, random_tokens
 from family_checks import frozen_with_distinct_sigmas
+from lnfree.analysis.compare import compare_models, expected_calibration_error, js_per_head, token_dla
+from lnfree.analysis.patching import PROMPT_SETS, patch_heads, prompt_set_path, read_prompt_set, run_with_cache
 from lnfree.cli import main
-from lnfree.compare import compare_models, expected_calibration_error, js_per_head, token_dla
 from lnfree.models import load_model, save_model
-from lnfree.patching import PROMPT_SETS, patch_heads, prompt_set_path, read_prompt_set, run_with_cache
 from lnfree.tokenizer import load_tokenizer
 from test_export import save_word_tokenizer
 from test_llama import make_hf as make_llama
@@ -246,7 +246,7 @@ def run_dirs(tmp_path_factory):
 
 
 def test_cli_writes_the_report_and_its_figures_agree_with_evaluate(run_dirs, capsys):
-    from lnfree.evaluate import _eval_batches, evaluate_ce, load_eval_data
+    from lnfree.analysis.evaluate import _eval_batches, evaluate_ce, load_eval_data
 
     root, out = run_dirs, run_dirs / "report"
     args = ["compare", str(root / "original"), str(root / "lnfree"), "--vanilla", str(root / "vanilla"), "--data",

@@ -73,7 +73,7 @@ def test_fresh_rebuilds_only_its_own_analog(tmp_path, monkeypatch):
 
 
 def test_the_harder_analog_is_refused_for_families_without_one():
-    from lnfree.models.io import FAMILIES
+    from lnfree.models import FAMILIES
 
     model = FAMILIES["llama"].new_model(64, 32, 32, 1, 2, 63, 0)
     with pytest.raises(ValueError, match="GPT-2 only"):
@@ -118,8 +118,7 @@ def test_a_first_demo_takes_the_shipped_analog_and_fresh_pretrains(tmp_path, mon
     no tokenizer trained, nothing pretrained; `--fresh` trains and pretrains its own. (A stand-in analog for the quick
     configuration plays the shipped one.)"""
     from lnfree import demo
-    from lnfree.models import save_model
-    from lnfree.models.io import FAMILIES
+    from lnfree.models import FAMILIES, save_model
     from lnfree.tokenizer import load_tokenizer
 
     cfg = quick_config()

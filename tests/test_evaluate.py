@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_hf_gpt2
+from lnfree.analysis.evaluate import check_compatible, compare, evaluate_ce, load_eval_data, summarize_losses
+from lnfree.analysis.tables import format_markdown, table_rows, with_table
 from lnfree.data import SequenceSampler, build_token_cache
-from lnfree.evaluate import check_compatible, compare, evaluate_ce, load_eval_data, summarize_losses
 from lnfree.method.calibrate import calibrate
 from lnfree.models import load_model
-from lnfree.tables import format_markdown, table_rows, with_table
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CTX, BATCH = 32, 4
@@ -267,7 +267,7 @@ def _direct_hellaswag_scores(model, tok) -> tuple[float, float]:
 
 
 def test_lm_eval_local_hellaswag(in_task_dir, model_dir, published_dir, tok):
-    from lnfree.lmeval import run_benchmarks
+    from lnfree.analysis.lmeval import run_benchmarks
 
     scores = run_benchmarks(model_dir, ["hellaswag_local"], include_path=".", device="cpu")
     row = scores["hellaswag_local"]
@@ -285,7 +285,7 @@ def test_lm_eval_adapter_scores_like_hflm(in_task_dir, model_dir):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from lnfree.lmeval import get_task_manager, make_lm
+    from lnfree.analysis.lmeval import get_task_manager, make_lm
 
     def loglikelihoods(lm):
         out = simple_evaluate(model=lm, tasks=["hellaswag_local"], task_manager=get_task_manager("."),
@@ -312,8 +312,8 @@ def _lm_eval_cli(*argv: str, out: Path) -> dict:
 def test_lm_eval_own_command_line_gives_our_scores_with_stderr(in_task_dir, model_dir, published_dir, workdir):
     """Stock `lm_eval` on the hf-compat form (a plain GPT2LMHeadModel, eps = 1e12), `lnfree-lm-eval --model hf` on
     the `hf` export and `--model lnfree` on a model folder: each gives our bridge's acc, acc_norm and stderr."""
+    from lnfree.analysis.lmeval import run_benchmarks
     from lnfree.export.core import export_model
-    from lnfree.lmeval import run_benchmarks
 
     ours = run_benchmarks(published_dir, ["hellaswag_local"], include_path=".", device="cpu",
                           output_path=workdir / "bridge_out", log_samples=True)["hellaswag_local"]
@@ -337,15 +337,15 @@ def test_lm_eval_own_command_line_gives_our_scores_with_stderr(in_task_dir, mode
 def test_one_resolver_for_every_command(workdir, model_dir, capsys):
     """A run folder without final/ is refused by eval in one line (and read from its newest checkpoint only by
     export, which then folds it); a finished run is read through its final/ everywhere."""
-    from lnfree.checkpoint import RunState, save_checkpoint
     from lnfree.cli import main
     from lnfree.models import save_model
-    from lnfree.models.io import load_source, resolve_source
+    from lnfree.run.checkpoint import RunState, save_checkpoint
+    from lnfree.sources import load_source, resolve_source
 
     run = workdir / "unfinished"
     model = load_model(model_dir)
-    state = RunState(step=3, train={}, schedule={}, data={}, model_config=json.loads(
-        (model_dir / "config.json").read_text()), family="gpt2", history=[], extra={})
+    state = RunState(step=3, data={}, model_config=json.loads(
+        (model_dir / "config.json").read_text()), family="gpt2", history=[])
     save_checkpoint(run, model, torch.optim.AdamW(model.parameters()), state)
     assert main(["eval", str(run), "--data", "stdlib-val", "--quiet"]) == 2
     assert "unfinished run" in capsys.readouterr().err

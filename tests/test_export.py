@@ -22,8 +22,10 @@ from lnfree.cli import main
 from lnfree.export import compat
 from lnfree.export.core import PARITY_TOL, ParityError, export_model, load_norm_free
 from lnfree.method.calibrate import apply_site_states, calibrate
-from lnfree.method.schedule import SiteState
+from lnfree.method.schedule import Schedule, SiteState
 from lnfree.models import load_model, save_model
+from lnfree.run.config import TrainConfig
+from lnfree.run.record import RunRecord, RunSource
 
 PUBLISHED_EPS = 1e12
 
@@ -253,6 +255,11 @@ def test_export_replaces_an_old_export_but_not_other_folders(tmp_path, dirs):
     with pytest.raises(FileExistsError, match="lnfree export did not write"):
         export_model(dirs["folded"], tmp_path / "docs", "hf", overwrite=True)
     assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
+    # a file the user put into an earlier export is not the export's to replace either (issue 21's probe)
+    (tmp_path / "out" / "notes.txt").write_text("mine too")
+    with pytest.raises(FileExistsError, match=r"did not write \(notes.txt\)"):
+        export_model(dirs["folded"], tmp_path / "out", "hf", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine too"
 
 
 def test_cli_export_reports_parity(tmp_path, dirs, capsys):
@@ -265,13 +272,13 @@ def test_cli_export_reports_parity(tmp_path, dirs, capsys):
 def test_run_checkpoint_with_distinct_path_sigmas_exports_its_function(tmp_path, dirs, fmt):
     """A run checkpoint (frozen sites, unfolded) whose ln_1 Q/K and V paths froze at different σ̂: the export
     must compute what the FakeLN model computes — a fold that swapped or shared the two σ̂ would not."""
-    from lnfree.checkpoint import RunState, save_checkpoint
+    from lnfree.run.checkpoint import RunState, save_checkpoint
 
     model = frozen_model(dirs["ln"], distinct=True)
     qk, v = model.h[0].ln_1.sites
     assert v.sigma.item() > 1.2 * qk.sigma.item()
-    state = RunState(step=7, train={}, schedule={}, data={}, model_config=json.loads(
-        (dirs["ln"] / "config.json").read_text()), family="gpt2", history=[], extra={})
+    state = RunState(step=7, data={}, model_config=json.loads(
+        (dirs["ln"] / "config.json").read_text()), family="gpt2", history=[])
     save_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()), state)
     with pytest.raises(ValueError, match="unfinished run .*step 7 of .*--allow-partial"):
         export_model(tmp_path / "run", tmp_path / "out", fmt)  # a run without final/ is not silently exported
@@ -290,8 +297,8 @@ def test_card_uses_run_files_when_present(tmp_path, dirs):
     (run / "final").mkdir(parents=True)
     for f in dirs["folded"].iterdir():
         (run / "final" / f.name).write_bytes(f.read_bytes())
-    (run / "run.json").write_text(json.dumps({"mode": "lnfree", "train": {"lr": 6e-4, "steps": 300},
-                                              "schedule": {"preset": "baroni2025"}}))
+    RunRecord("lnfree", TrainConfig(lr=6e-4, steps=300), Schedule(total_steps=300, freeze_at={}),
+              RunSource(data="stdlib", preset="baroni2025")).write(run)
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(
         {"step": s, "loss": 3.0 - s / 100, "tokens": 512 * (s + 1), "frozen_sites": s, "n_sites": 2,
          "events": ["blocks.0.ln2"] if s == 1 else []}) for s in range(3)) + "\n")

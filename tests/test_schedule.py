@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from lnfree.method.schedule import SITE_KINDS, RemovalSpec, Schedule, build_schedule, control_schedule, standard_layout
-from lnfree.recipes import PRESETS, get_recipe, recipe_schedule
+from lnfree.run.recipes import PRESETS, get_recipe, recipe_schedule
 
 PHASES = [*SITE_KINDS, "eot", "bos"]  # ln2 → ln1.qk → ln1.v → ln_final → EOT specials → position-0 specials
 
@@ -103,6 +104,11 @@ def test_bos_special_can_be_eased_out():
                  bos_ramp=4)
     weights = [s.state_at(t)["ln_final"].bos_weight for t in range(5, 12)]
     assert weights == [1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    # power 2 (lnfree-uniform): (steps left / ramp)², and it survives the JSON a run records
+    s = Schedule.from_dict(json.loads(json.dumps(replace(s, bos_power=2.0).to_dict())))
+    weights = [s.state_at(t)["ln_final"].bos_weight for t in range(5, 12)]
+    assert weights == [1.0, 1.0, 0.5625, 0.25, 0.0625, 0.0, 0.0]
+    assert "weight (steps left / 4) ** 2" in s.format_timeline()
 
 
 def test_rescale_keeps_order_and_proportion():

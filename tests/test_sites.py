@@ -12,7 +12,7 @@ from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import SiteState
 from lnfree.method.sites import RemovableLayerNorm
 from lnfree.models import load_model
-from lnfree.recipes import get_recipe
+from lnfree.run.recipes import get_recipe
 
 
 def _layer(d=12, paths=("",)):
@@ -300,19 +300,33 @@ def test_position0_holding_an_eot_token():
         assert torch.allclose(ln(x, eot)[0], _fake_ln(x, expected, ln), atol=1e-6)
 
 
-def test_sigma_freezes_at_the_switch(hf_gpt2_dir):
+@pytest.mark.parametrize("tracking", ["site", "until-fixed"])
+def test_sigma_freezes_at_the_switch_unless_it_tracks_until_fixed(hf_gpt2_dir, tracking):
+    from lnfree.method.sigma import SigmaRule
+
     model = load_model(hf_gpt2_dir).train()
-    calibrate(model, [random_tokens(seed=9)])
-    frozen = apply_site_states(model, {"blocks.0.ln2": SiteState(True, 1.0, 1.0)})
-    assert frozen == ["blocks.0.ln2"]
+    calibrate(model, [random_tokens(seed=9)], SigmaRule(tracking=tracking))
+    frozen = apply_site_states(model, {"blocks.0.ln2": SiteState(True, 1.0, 1.0),  # a special still weighted in
+                                       "blocks.1.ln1.qk": SiteState(True, 0.0, 0.0)})  # divides by σ̂ alone
+    assert frozen == ["blocks.0.ln2", "blocks.1.ln1.qk"]
     site = model.norm_sites()["blocks.0.ln2"]
+    fixed = model.norm_sites()["blocks.1.ln1.qk"]
     live = model.norm_sites()["blocks.1.ln2"]
-    s_frozen, s_live = site.sigma.item(), live.sigma.item()
+    s_frozen, s_fixed, s_live = site.sigma.item(), fixed.sigma.item(), live.sigma.item()
+    idx = random_tokens(seed=3) * 0 + 5  # very different statistics
     with model.collect_norm_stats():
-        model(random_tokens(seed=3) * 0 + 5)  # very different statistics
+        model(idx)
     model.ema_step(0.0)
-    assert site.sigma.item() == s_frozen
     assert live.sigma.item() != s_live
+    assert fixed.sigma.item() == s_fixed  # under every rule
+    if tracking == "site":
+        assert site.sigma.item() == s_frozen
+        return
+    cache: dict = {}
+    with torch.no_grad():
+        model(idx, cache=cache)  # ln2's input does not depend on ln2's own σ̂
+    std = _std(cache["blocks.0.hook_resid_mid"])[:, 1:]  # the mean std of positions ≥ 1 (no EOT here)
+    assert site.sigma.item() == pytest.approx(std.mean().item(), rel=1e-5)
 
 
 def test_unknown_site_in_schedule_is_refused(hf_gpt2_dir):
@@ -406,7 +420,8 @@ def test_rms_site_folds_into_the_linear_map_that_reads_it():
 
 
 # ---- the compile-friendly path -----------------------------------------------------------------------------
-@pytest.mark.parametrize("tracking,special", [("norm", "position"), ("site", "position"), ("site", "outlier")])
+@pytest.mark.parametrize("tracking,special", [("norm", "position"), ("site", "position"), ("site", "outlier"),
+                                             ("until-fixed", "outlier")])
 def test_static_graph_computes_what_the_branches_compute(tracking, special):
     """`set_static_graph` (what --compile runs) picks every divisor on the device instead of branching on the site
     state: outputs, gradients and the per-call σ̂ EMA must equal the eager branches' in every state a schedule

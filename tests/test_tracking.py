@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lnfree.cli import build_parser, main
-from lnfree.config import TrainConfig
+from lnfree.run.config import TrainConfig
 from test_train import RUN_ARGS, _losses
 
 
@@ -38,10 +38,10 @@ def _remove(setup, out, *extra):
 def test_validation_and_sigma_are_logged_without_changing_the_run(tiny_setup, tmp_path):
     """Validating in eval mode must not draw dropout masks nor move σ̂: the run with --eval-every is the run without,
     loss for loss; its val CE equals the final model's CE on the held-out tokens; σ̂ in the log is the model's."""
+    from lnfree.analysis.evaluate import evaluate_ce
     from lnfree.data import SequenceSampler, build_token_cache
-    from lnfree.evaluate import evaluate_ce
     from lnfree.models import load_model
-    from lnfree.runs import run_removal
+    from lnfree.run.runs import run_removal
     from lnfree.tokenizer import load_tokenizer
 
     held_out = _held_out(tmp_path)
@@ -95,7 +95,7 @@ def test_wandb_offline_run_without_network(tiny_setup, tmp_path, monkeypatch):
 
 
 def test_progress_is_plain_lines_off_a_terminal():
-    from lnfree.tracking import StepProgress
+    from lnfree.run.tracking import StepProgress
 
     stream = io.StringIO()
     progress = StepProgress(0, 100, "lnfree run", stream=stream)

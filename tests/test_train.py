@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import make_hf_gpt2
-from lnfree.config import TrainConfig
-from lnfree.train import TrainingDiverged, _guard, aux_std_loss, next_token_loss
+from lnfree.run.config import TrainConfig
+from lnfree.run.train import TrainingDiverged, _guard, aux_std_loss, next_token_loss
 
 CTX = 32
 RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2", "--ctx", str(CTX),
@@ -28,8 +28,8 @@ RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2
 # shared ln_1 σ̂ ($LNFREE_TEST_EMA=step: per step), position-0 and EOT specials eased out, dropout, the auxiliary loss.
 _LIVE_PRESET = """
 import os, sys
-from lnfree import recipes
-from lnfree.config import Recipe, TrainConfig
+from lnfree.run import recipes
+from lnfree.run.config import Recipe, TrainConfig
 from lnfree.method.schedule import SITE_KINDS, RemovalSpec
 from lnfree.method.sigma import SigmaRule
 spec = RemovalSpec(start=3, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 1}, eot_after=1, bos_after=1, tail=1,
@@ -107,8 +107,8 @@ def test_sigkill_while_sites_are_live_then_resume_repeats_the_run_exactly(tiny_s
 
 
 def test_final_model_is_the_fold_of_the_last_checkpoint(tiny_setup, tmp_path):
-    from lnfree.checkpoint import latest_checkpoint, load_checkpoint
     from lnfree.models import load_model
+    from lnfree.run.checkpoint import latest_checkpoint, load_checkpoint
 
     _remove(tiny_setup, tmp_path / "run", preset="live")
     ckpt = latest_checkpoint(tmp_path / "run")
@@ -176,13 +176,13 @@ def test_spike_guard():
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, hf_gpt2_dir):
     import errno
 
-    import lnfree.checkpoint as ck
+    import lnfree.run.checkpoint as ck
     from lnfree.models import load_model
 
     model = load_model(hf_gpt2_dir)
     opt = torch.optim.AdamW(model.parameters())
-    state = ck.RunState(step=3, train={}, schedule={}, data={"i": 1}, model_config={}, family="gpt2",
-                        history=[], extra={})
+    state = ck.RunState(step=3, data={"i": 1}, model_config={}, family="gpt2",
+                        history=[])
     first = ck.save_checkpoint(tmp_path, model, opt, state)
 
     def no_space(*a, **k):
@@ -230,7 +230,7 @@ def test_remove_refuses_bad_models_and_data(tiny_setup, tmp_path):
 
 
 def test_divergence_stops_with_exit_2_and_the_last_checkpoint_intact(tiny_setup, tmp_path):
-    from lnfree.checkpoint import latest_checkpoint, load_checkpoint
+    from lnfree.run.checkpoint import latest_checkpoint, load_checkpoint
 
     out = _remove(tiny_setup, tmp_path / "run", "--lr", "inf", "--checkpoint-every", "1", check=False)
     _one_line_error(out, "not finite", "last good checkpoint:")
@@ -263,7 +263,7 @@ def test_weight_decay_groups_follow_each_code(hf_gpt2_dir):
     from transformers.trainer_pt_utils import get_parameter_names
 
     from lnfree.models import load_model
-    from lnfree.train import make_optimizer
+    from lnfree.run.train import make_optimizer
 
     model = load_model(hf_gpt2_dir)
     names = {id(p): n for n, p in model.named_parameters()}

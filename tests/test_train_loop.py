@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import EOT, make_hf_gpt2, random_tokens
-from lnfree.checkpoint import load_checkpoint
-from lnfree.config import TrainConfig
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.schedule import Schedule
 from lnfree.method.sigma import SigmaRule
 from lnfree.models import load_model
-from lnfree.train import train
+from lnfree.run.checkpoint import load_checkpoint
+from lnfree.run.config import TrainConfig
+from lnfree.run.train import train
 
 CTX, MICRO = 16, 2
 SITE_INPUT = {"ln1": "hook_resid_pre", "ln2": "hook_resid_mid"}
@@ -209,7 +209,7 @@ class _DeviceReads:
 def test_a_training_step_reads_the_device_once(model_dir, monkeypatch, ema):
     """The hot path has no host syncs: through site switches, specials being eased out, σ̂ statistics, the EMA and
     the aux loss, a step reads the device once — its losses and grad norm, together."""
-    from lnfree.train import Stepper
+    from lnfree.run.train import Stepper
 
     model = load_model(model_dir)
     schedule = Schedule(total_steps=5, freeze_at={"blocks.0.ln2": 1, "blocks.0.ln1.qk": 2, "blocks.1.ln1.v": 2},

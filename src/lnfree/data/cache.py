@@ -7,11 +7,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import secrets
 import shutil
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 from lnfree.jsonfile import atomic_write, read_json
 from lnfree.tokenizer import tokenizer_fingerprint
 
+from .pool import DocumentTokenizer, Piece, hash_into, run_tasks
 from .sources import (
     _HUB_BATCH_ROWS,
     MANIFEST_FILE,
@@ -33,7 +32,6 @@ from .sources import (
     _resolve_source,
     _slug,
     _Source,
-    read_file_documents,
 )
 
 CACHE_FORMAT = "lnfree-token-cache"
@@ -46,122 +44,6 @@ _SKIP_EXAMPLES_KEPT = 20
 
 class TokenCacheMismatchError(ValueError):
     """An existing token cache was made with a different tokenizer (or split) than the one requested."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tokenization (in-process or in a multiprocessing Pool)
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Piece:
-    """One unit of tokenizer output, in source order: a document, a skipped file, or an empty row."""
-
-    tokens: np.ndarray | None = None  # a document's ids, EOT appended
-    skipped: tuple[str, str] | None = None  # (file, reason)
-
-
-class _DocumentTokenizer:
-    """Tokenizes documents into arrays of the cache dtype with EOT appended.
-
-    Picklable (it holds the HF tokenizer), so each Pool worker gets its own copy once, at start-up.
-    """
-
-    def __init__(self, tokenizer: Any, eot_id: int, dtype: np.dtype, root: Path | None):
-        self.tokenizer = tokenizer
-        self.eot_id = eot_id
-        self.dtype = dtype
-        self.root = root
-
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Ids of each text plus EOT. Literal "<|endoftext|>" inside a text stays text, like GPT-2's
-        ``encode_ordinary`` used to prepare openwebtext, so EOT ids mark document boundaries only."""
-        if not texts:
-            return []
-        ids = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            split_special_tokens=True,
-            return_attention_mask=False,
-            verbose=False,
-        )["input_ids"]
-        arrays = []
-        for row in ids:
-            array = np.empty(len(row) + 1, dtype=self.dtype)
-            array[:-1] = row  # numpy raises OverflowError if an id does not fit the dtype
-            array[-1] = self.eot_id
-            arrays.append(array)
-        return arrays
-
-    def texts_task(self, texts: list[str | None]) -> list[_Piece]:
-        arrays = iter(self.encode([t for t in texts if t]))
-        return [_Piece(tokens=next(arrays)) if t else _Piece() for t in texts]
-
-    def files_task(self, paths: list[Path]) -> list[_Piece]:
-        pieces = []
-        for path in paths:
-            docs = read_file_documents(path)
-            if docs.skip_reason is not None:
-                shown = path.relative_to(self.root).as_posix() if self.root else str(path)
-                pieces.append(_Piece(skipped=(shown, docs.skip_reason)))
-                continue
-            pieces.extend(_Piece(tokens=array) for array in self.encode(docs.documents))
-            pieces.extend(_Piece() for _ in range(docs.empty_documents))
-        return pieces
-
-
-_WORKER: _DocumentTokenizer | None = None
-
-
-def _init_worker(doc_tokenizer: _DocumentTokenizer) -> None:
-    global _WORKER
-    _WORKER = doc_tokenizer
-
-
-def _run_worker_task(method: str, task: list[Any]) -> list[_Piece]:
-    assert _WORKER is not None, "worker used before _init_worker"
-    return getattr(_WORKER, method)(task)
-
-
-@contextlib.contextmanager
-def _env_override(name: str, value: str) -> Iterator[None]:
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-def _run_tasks(
-    doc_tokenizer: _DocumentTokenizer, method: str, tasks: Iterable[list[Any]], num_proc: int
-) -> Iterator[tuple[int, list[_Piece]]]:
-    """(task size, pieces) per task, in task order, so the output never depends on ``num_proc``.
-
-    At most ``2 * num_proc`` tasks are in flight: a streaming source is never read far ahead of the
-    tokenizer (``Pool.imap`` would drain it into memory), and stopping early at a limit wastes little work.
-    """
-    if num_proc <= 1:
-        for task in tasks:
-            yield len(task), getattr(doc_tokenizer, method)(task)
-        return
-    # Workers tokenize one batch each, single-threaded; setting this before they start also silences the
-    # tokenizers fork warning when the parent has already used its thread pool.
-    with _env_override("TOKENIZERS_PARALLELISM", "false"):
-        pool = multiprocessing.get_context().Pool(num_proc, _init_worker, (doc_tokenizer,))
-    with pool:  # leaving the block (also on early stop or error) terminates the workers
-        pending: deque[tuple[int, Any]] = deque()
-        for task in tasks:
-            pending.append((len(task), pool.apply_async(_run_worker_task, (method, task))))
-            if len(pending) >= 2 * num_proc:
-                size, result = pending.popleft()
-                yield size, result.get()
-        while pending:
-            size, result = pending.popleft()
-            yield size, result.get()
 
 
 def _file_tasks(files: Iterable[Path]) -> Iterator[list[Path]]:
@@ -178,7 +60,7 @@ def _file_tasks(files: Iterable[Path]) -> Iterator[list[Path]]:
         yield task
 
 
-def _pretokenized_pieces(rows: list[Any], dtype: np.dtype, vocab_size: int, repo: str) -> list[_Piece]:
+def _pretokenized_pieces(rows: list[Any], dtype: np.dtype, vocab_size: int, repo: str) -> list[Piece]:
     """Rows of an already tokenized dataset, concatenated as they are (they already contain EOTs)."""
     pieces = []
     for row in rows:
@@ -188,17 +70,17 @@ def _pretokenized_pieces(rows: list[Any], dtype: np.dtype, vocab_size: int, repo
                 f"{repo!r} has token id {int(ids.max())} outside the tokenizer's {vocab_size} ids; "
                 "pass the tokenizer the dataset was made with"
             )
-        pieces.append(_Piece(tokens=ids.astype(dtype)) if ids.size else _Piece())
+        pieces.append(Piece(tokens=ids.astype(dtype)) if ids.size else Piece())
     return pieces
 
 
 def _source_pieces(
-    resolved: _Source, split: str, doc_tokenizer: _DocumentTokenizer, vocab_size: int, num_proc: int
-) -> tuple[Iterator[tuple[int, list[_Piece]]], int | None, bool]:
+    resolved: _Source, split: str, doc_tokenizer: DocumentTokenizer, vocab_size: int, num_proc: int
+) -> tuple[Iterator[tuple[int, list[Piece]]], int | None, bool]:
     """(chunks of pieces, expected total for the progress bar, whether the data was pre-tokenized)."""
     if resolved.kind == "files":
         tasks = list(_file_tasks(resolved.files))
-        chunks = _run_tasks(doc_tokenizer, "files_task", tasks, min(num_proc, len(tasks)))
+        chunks = run_tasks(doc_tokenizer, "files_task", tasks, min(num_proc, len(tasks)))
         return chunks, len(resolved.files), False
     spec = resolved.hub
     dataset = _load_hub_dataset(spec, split, num_proc)
@@ -206,7 +88,7 @@ def _source_pieces(
     total = len(dataset) if hasattr(dataset, "__len__") else None
     batches = (b[column] for b in dataset.select_columns([column]).iter(batch_size=_HUB_BATCH_ROWS))
     if column == "text":
-        return _run_tasks(doc_tokenizer, "texts_task", batches, num_proc), total, False
+        return run_tasks(doc_tokenizer, "texts_task", batches, num_proc), total, False
     if spec.expected_vocab is not None and vocab_size != spec.expected_vocab:
         raise DataSourceError(
             f"{spec.repo!r} holds ids from a {spec.expected_vocab}-token vocabulary (GPT-2) but the "
@@ -402,13 +284,13 @@ def _sampled_cache(resolved: _Source, tokenizer: Any, source: str, split: str, c
     return None
 
 
-def _document_tokenizer(tokenizer: Any, resolved: _Source) -> _DocumentTokenizer:
+def _document_tokenizer(tokenizer: Any, resolved: _Source) -> DocumentTokenizer:
     vocab_size = len(tokenizer)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     eot_id = tokenizer.eos_token_id
     if eot_id is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos_token to use as EOT")
-    return _DocumentTokenizer(tokenizer, int(eot_id), dtype, resolved.root)
+    return DocumentTokenizer(tokenizer, int(eot_id), dtype, resolved.root)
 
 
 def _check_limit(name: str, value: int | None) -> None:
@@ -493,7 +375,7 @@ def _build(
 
 def _write_tokens_file(
     folder: Path,
-    chunks: Iterator[tuple[int, list[_Piece]]],
+    chunks: Iterator[tuple[int, list[Piece]]],
     max_documents: int | None,
     max_tokens: int | None,
     bar: Any,
@@ -517,7 +399,7 @@ def _write_tokens_file(
 
 
 def _write_stream(
-    chunks: Iterator[tuple[int, list[_Piece]]],
+    chunks: Iterator[tuple[int, list[Piece]]],
     out: BinaryIO,
     max_documents: int | None,
     max_tokens: int | None,
@@ -589,13 +471,6 @@ VERIFY_HASH_BYTES = 64 * 2**20
 def _file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hash_into(hashlib.sha256(), f).hexdigest()
-
-
-def hash_into(digest: Any, handle: BinaryIO) -> Any:
-    """Feed the rest of an open file to `digest` in 4 MiB blocks; returns the digest."""
-    for block in iter(lambda: handle.read(2**22), b""):
-        digest.update(block)
-    return digest
 
 
 def _open_tokens(folder: Path, manifest: dict[str, Any]) -> np.memmap:

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..jsonfile import atomic_write
+from .pool import hash_into, run_tasks
 from .sources import (
     MANIFEST_FILE,
     ROW_SUFFIXES,
@@ -120,7 +121,6 @@ def build_or_extend(resolved: _Source, doc_tokenizer: Any, source: str, split: s
                     seed: int, manifest: dict | None, base_manifest: dict, num_proc: int, progress: bool) -> dict:
     """Grow the sampled cache in `folder` (holding `manifest`, or nothing) until it covers `need` tokens or the
     split is exhausted; returns the new manifest (written last, atomically, by the caller)."""
-    from .cache import _run_tasks, hash_into
 
     index = DocumentIndex(resolved, split, num_proc)
     if manifest is not None and manifest["sample"]["n_units"] != len(index):
@@ -133,7 +133,7 @@ def build_or_extend(resolved: _Source, doc_tokenizer: Any, source: str, split: s
         print(f"tokenizing a seeded sample of {source}:{split} ({len(index):,} documents) to {need:,} tokens "
               f"(holds {have:,}) in {folder} (~{need * itemsize / 1e6:,.0f} MB)", file=sys.stderr, flush=True)
     tasks = (index.texts(order[k : k + _UNITS_PER_TASK]) for k in range(start, len(index), _UNITS_PER_TASK))
-    chunks = _run_tasks(doc_tokenizer, "texts_task", tasks, num_proc)
+    chunks = run_tasks(doc_tokenizer, "texts_task", tasks, num_proc)
     path = folder / TOKENS_FILE
     digest = hashlib.sha256()
     mode = "r+b" if have else "wb"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..jsonfile import read_jsonl
-from ..models.io import FAMILIES
+from ..models import FAMILIES
+from ..run.record import read_record
+from .result import ExportResult, Source
 
-if TYPE_CHECKING:
-    from .core import ExportResult, Source
 
 def _format_text(fmt: str, hf_class: str, compat_class: str) -> str:
     if fmt == "hf":
@@ -31,6 +31,15 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _run_record(run_dir: Path) -> dict | None:
+    """The run record as the card shows it (the run.json object); a damaged one leaves the card without it."""
+    try:
+        record = read_record(run_dir)
+    except (OSError, ValueError):
+        return None
+    return record.to_dict() if record else None
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -53,7 +62,7 @@ def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("setting", "val
 
 
 def _training_section(run_dir: Path | None) -> str:
-    run = _read_json(run_dir / "run.json") if run_dir else None
+    run = _run_record(run_dir) if run_dir else None
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
     parts = ["## Training"]
     if not run and not (metrics_path and metrics_path.is_file()):

@@ -48,8 +48,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..method.fold import COMPAT_EPS, HeadNotTiedError, untie_head
+from ..models import FAMILIES
 from ..models.base import LNModel
-from ..models.io import FAMILIES
 
 __all__ = ["COMPAT_EPS", "HeadNotTiedError", "to_compat_hf", "untie_head"]
 

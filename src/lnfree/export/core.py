@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,11 @@ import torch
 from torch import Tensor
 
 from ..jsonfile import read_json
+from ..models import FAMILIES
 from ..models.base import LNModel
-from ..models.io import (
-    FAMILIES,
-    TOKENIZER_FILES,
-    copy_tokenizer_files,
-    load_model,
-    load_source,
-    save_model,
-    share_like_umask,
-)
+from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, save_model, share_like_umask
+from ..sources import load_source
+from .result import ExportResult, Source
 
 FORMATS = ("hf", "hf-compat")
 # The gate on a reloaded export: max-abs logits, evaluated in float64 from the stored fp32 weights (see
@@ -67,31 +61,6 @@ def parity_tolerance(fmt: str, reference: LNModel) -> float:
 
 class ParityError(ValueError):
     """A written export does not reproduce the source's logits."""
-
-
-@dataclass
-class Source:
-    """A norm-free model and where it came from (for tokenizer files and the model card)."""
-
-    model: LNModel
-    name: str  # as given by the user
-    model_dir: Path | None  # folder holding config.json and tokenizer files (None for a run checkpoint)
-    run_dir: Path | None  # `lnfree remove` run folder (run.json, metrics.jsonl, eval*.json), if any
-    folded_here: bool  # True when the source still had (frozen) norm sites and we folded it
-    partial: str | None = None  # "step N of M" when exported from an unfinished run's checkpoint (--allow-partial)
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    format: str
-    parity: dict[str, float] = field(default_factory=dict)  # reload route → max-abs logit error (float64: the gate)
-    parity_fp32: dict[str, float] = field(default_factory=dict)  # the same in float32 (information)
-    gate: float = 0.0  # what the float64 errors had to stay within (`parity_tolerance`)
-
-    @property
-    def max_abs(self) -> float:
-        return max(self.parity.values())
 
 
 # ---- sources ------------------------------------------------------------------------------------------------
@@ -236,6 +205,9 @@ def write_format(model: LNModel, folder: Path, fmt: str) -> None:
 
 
 EXPORT_MARK = "lnfree-export.json"  # written into every export: what --overwrite may replace
+# what an export wrote before the mark listed its files
+_EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "README.md", EXPORT_MARK,
+                 *TOKENIZER_FILES)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -249,6 +221,12 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"--out {out} already holds an lnfree export; give a new folder, or --overwrite to "
                               "replace it")
+    mark = read_json(out / EXPORT_MARK)
+    written = set(mark.get("files", _EXPORT_FILES) if isinstance(mark, dict) else ())
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if foreign:  # --overwrite replaces the whole folder: never with a file in it that the export did not write
+        raise FileExistsError(f"--out {out} holds files the earlier export did not write ({', '.join(foreign[:3])}); "
+                              "move them out first, or give a new folder")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -288,12 +266,14 @@ def export_model(source: str | os.PathLike | Source, out: str | os.PathLike, fmt
             raise ParityError(f"{fmt} export failed its parity check: max-abs logit error {worst:.2e} > "
                               f"{gate:.1e} ({routes}); nothing written{hint}")
         result = ExportResult(out, fmt, parity, parity_fp32, gate)
-        (tmp / EXPORT_MARK).write_text(json.dumps({"format": fmt, "source": src.name, "parity": parity}, indent=1))
-        share_like_umask(tmp)
         if card:
             from .card import write_card
 
             write_card(tmp, src, result)
+        written = sorted({p.name for p in tmp.iterdir()} | {EXPORT_MARK})  # what a later --overwrite may replace
+        (tmp / EXPORT_MARK).write_text(json.dumps({"format": fmt, "source": src.name, "parity": parity,
+                                                   "files": written}, indent=1))
+        share_like_umask(tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

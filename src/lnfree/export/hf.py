@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models import FAMILIES
 from ..models.base import LNModel
-from ..models.io import FAMILIES
 
 __all__ = ["register", "to_hf_model"]
 

@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from ..models import FAMILIES
 from ..models.base import LNModel
-from ..models.io import FAMILIES
 from .core import resolve
 from .hf import to_hf_model
 

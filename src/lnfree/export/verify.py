@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.base import LNModel
-from ..models.io import load_source
+from ..sources import load_source
 from .core import FORMATS, as_norm_free, parity_tolerance, reload_parity, sample_batches, write_format
 
 DLA_REL_TOL = 1e-4  # Σ|DLA − DE| / Σ|DE|; float rounding of a norm-free model gives ~1e-7

@@ -46,7 +46,8 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
 def apply_site_states(model: LNModel, states: dict[str, SiteState]) -> list[str]:
     """Put each named site in its scheduled state; returns the names that froze just now.
 
-    A site's σ̂ stops following the EMA the moment it freezes: `NormSite.ema_step` skips frozen sites. Called at
+    A site's σ̂ stops following the EMA the moment it freezes (`RemovableLayerNorm.tracked_sites`; the
+    "until-fixed" rule keeps it following while a special is weighted in). Called at
     every step boundary; reads nothing from the device and writes only the sites whose state changes.
     """
     sites = model.norm_sites()

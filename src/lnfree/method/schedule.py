@@ -60,10 +60,11 @@ class RemovalSpec:
     kind in `bos_kinds` does the same for position 0, until the schedule removes that special. The EOT specials
     go from `eot_after` steps after the last freeze, the position-0 specials from `bos_after` steps after the
     last EOT removal; `special_span` 0 removes every site's special in one step, s > 0 one site after another, in
-    removal order, spread evenly over s steps; each is eased out linearly over the `*_ramp` steps before it goes
-    (0: in one step). With `bos_lag` set, each site's position-0 special goes `bos_lag` steps after that site
-    froze instead (a site hardens while the next ones freeze, not all together at the end). Start 0 and no gaps
-    is "all at once".
+    removal order, spread evenly over s steps; each is eased out over the `*_ramp` steps before it goes (0: in one
+    step), linearly — or, for position 0 (and the outlier special), as (steps left / ramp) ** `bos_power`: power 2
+    spends most of the ramp at small weights, where a SwiGLU model is closest to losing its last norm. With
+    `bos_lag` set, each site's position-0 special goes `bos_lag` steps after that site froze instead (a site
+    hardens while the next ones freeze, not all together at the end). Start 0 and no gaps is "all at once".
     """
 
     start: int
@@ -78,6 +79,7 @@ class RemovalSpec:
     bos_kinds: tuple[str, ...] = ()
     special_span: int = 0
     bos_lag: int | None = None
+    bos_power: float = 1.0  # the position-0 / outlier special's weight over its ramp: (steps left / ramp) ** power
 
 
 @dataclass(frozen=True)
@@ -88,21 +90,22 @@ class Schedule:
     bos_off: dict[str, int] = field(default_factory=dict)  # sites absent never had that special
     eot_ramp: int = 0
     bos_ramp: int = 0
+    bos_power: float = 1.0
     rescaled_from: int | None = None  # the preset's length, when stretched to another --steps
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     # ---- state ----------------------------------------------------------------------------------------------
     @staticmethod
-    def _weight(step: int, off: int | None, ramp: int) -> float:
+    def _weight(step: int, off: int | None, ramp: int, power: float = 1.0) -> float:
         if off is None:
             return 0.0  # this site never had the special
         if ramp <= 0:
             return 1.0 if step < off else 0.0
-        return min(1.0, max(0.0, (off - step) / ramp))
+        return min(1.0, max(0.0, (off - step) / ramp)) ** power
 
     def state_at(self, step: int) -> dict[str, SiteState]:
         return {site: SiteState(frozen=step >= at,
-                                bos_weight=self._weight(step, self.bos_off.get(site), self.bos_ramp),
+                                bos_weight=self._weight(step, self.bos_off.get(site), self.bos_ramp, self.bos_power),
                                 eot_weight=self._weight(step, self.eot_off.get(site), self.eot_ramp))
                 for site, at in self.freeze_at.items()}
 
@@ -119,8 +122,10 @@ class Schedule:
         """(step, site, event) sorted by step: the timeline a user reads. A special removed from every site
         that had it in one step is one line, site "*"."""
         ev = [(at, site, "freeze") for site, at in self.freeze_at.items()]
-        for offs, ramp, label in ((self.eot_off, self.eot_ramp, "eot"), (self.bos_off, self.bos_ramp, "bos")):
-            what = f"{label} special σ̂ removed" + (f" (eased over {ramp} steps)" if ramp else "")
+        for offs, ramp, power, label in ((self.eot_off, self.eot_ramp, 1.0, "eot"),
+                                         (self.bos_off, self.bos_ramp, self.bos_power, "bos")):
+            shape = f", weight (steps left / {ramp}) ** {power:g}" if power != 1 else ""
+            what = f"{label} special σ̂ removed" + (f" (eased over {ramp} steps{shape})" if ramp else "")
             steps = set(offs.values())
             if len(steps) == 1 and len(offs) > 1:
                 ev.append((steps.pop(), "*", f"{what} ({len(offs)} sites)"))
@@ -204,7 +209,7 @@ def build_schedule(spec: RemovalSpec, layout: list[SiteSpec], total_steps: int |
     else:
         bos_off = {s.name: freeze_at[s.name] + spec.bos_lag for s in ordered if s.kind in spec.bos_kinds}
     schedule = Schedule(total_steps=0, freeze_at=freeze_at, eot_off=eot_off, bos_off=bos_off,
-                        eot_ramp=spec.eot_ramp, bos_ramp=spec.bos_ramp)
+                        eot_ramp=spec.eot_ramp, bos_ramp=spec.bos_ramp, bos_power=spec.bos_power)
     last = schedule.last_event
     total = total_steps if total_steps is not None else last + spec.tail
     if total <= last:

@@ -228,13 +228,17 @@ class RemovableLayerNorm(nn.Module):
 
     def tracked_sites(self) -> list[NormSite]:
         """The sites whose σ̂ still follows the input: the live ones — or, when the paths share σ̂ ("norm"
-        tracking), all of them while any is live."""
+        tracking), all of them while any is live; with "until-fixed", every site that still normalises."""
+        if self.rule.tracking == "until-fixed":
+            return [s for s in self.sites if s.normalises]
         live = [s for s in self.sites if not s.is_frozen]
         return list(self.sites) if live and self.rule.tracking == "norm" else live
 
     def _tracked_masks(self) -> list[Tensor]:
         """`tracked_sites` as one bool tensor per site, computed on the device from the state buffers."""
         live = [~s.frozen for s in self.sites]
+        if self.rule.tracking == "until-fixed":
+            return [~s.frozen | (s.bos_weight > 0) | (s.eot_weight > 0) for s in self.sites]
         if self.rule.tracking == "norm":
             anyone = torch.stack(live).any()
             return [anyone] * len(live)

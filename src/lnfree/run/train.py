@@ -27,16 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from .. import distributed
+from ..jsonfile import atomic_write, read_jsonl
+from ..method.aux import PER_NORM_KINDS, aux_std_loss
+from ..method.calibrate import apply_site_states, calibrate
+from ..method.schedule import Schedule
+from ..method.sigma import SigmaRule
+from ..models import FAMILIES
+from ..models.base import LNModel
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import TrainConfig, check_settings
-from .jsonfile import atomic_write, read_jsonl
-from .method.aux import PER_NORM_KINDS, aux_std_loss
-from .method.calibrate import apply_site_states, calibrate
-from .method.schedule import Schedule
-from .method.sigma import SigmaRule
-from .models.base import LNModel
-from .models.io import FAMILIES
+from .record import RunRecord, RunSource
 from .tracking import StepProgress, check_reporters, open_reporters, scalars
 
 
@@ -114,7 +115,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def validation_loss(model: LNModel, batches: list[Tensor], cfg: TrainConfig, device: torch.device) -> float:
     """Mean next-token CE over `batches` — `lnfree eval`'s own computation, in eval mode: no dropout, and σ̂
     neither measured nor moved, so validating never changes the run."""
-    from .evaluate import evaluate_ce
+    from ..analysis.evaluate import evaluate_ce
 
     dtype = "bf16" if _uses_bf16(cfg, device) else "fp32"
     return evaluate_ce(model, batches, dtype=dtype, progress=False).mean
@@ -248,7 +249,7 @@ class _Batches:
 
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
           sigma: SigmaRule | None = None, calibration_batches: list[Tensor] | None = None, resume: bool = False,
-          mode: str = "lnfree", extra: dict | None = None, progress: bool = True,
+          mode: str = "lnfree", source: RunSource | None = None, progress: bool = True,
           val_batches: list[Tensor] | None = None, report_to: tuple[str, ...] = ()) -> RunResult:
     """Run (or resume) `schedule.total_steps` optimizer steps, writing metrics.jsonl and checkpoints to run_dir.
 
@@ -287,15 +288,13 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                 raise ValueError("an LN-removal run needs calibration batches to measure σ̂")
             calibrate(model, [b.to(device) for b in calibration_batches], sigma)
     stepper.start()
-    run_info = {"mode": mode, "train": cfg.to_dict(), "schedule": schedule.to_dict(), **(extra or {})}
-    if mode == "lnfree":
-        run_info["sigma"] = sigma.to_dict()
+    run_record = RunRecord(mode, cfg, schedule, source or RunSource(), sigma if mode == "lnfree" else None)
     if main:
-        atomic_write(run_dir / "run.json", json.dumps(run_info, indent=1))
+        run_record.write(run_dir)
     n_sites = len(model.norm_sites())
     tokens_per_step = seqs_per_step * cfg.ctx
     batches = _Batches(sampler, seqs_per_step, world.rank_rows(seqs_per_step, cfg.micro_batch), device)
-    reporters = open_reporters(report_to, run_dir, start, run_info) if main else []
+    reporters = open_reporters(report_to, run_dir, start, run_record.to_dict()) if main else []
     bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress and main)
     t_start, loss_value, last_ckpt, step = time.time(), float("nan"), ckpt, start
     try:
@@ -329,9 +328,9 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                     record["events"] = newly_frozen
                 _log(run_dir, record, reporters, bar)
             if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-                state = RunState(step=step + 1, train=cfg.to_dict(), schedule=schedule.to_dict(),
-                                 data=batches.state_dict(), model_config=FAMILIES[model.family].config_dict(model),
-                                 family=model.family, history=history, extra={"mode": mode})
+                state = RunState(step=step + 1, data=batches.state_dict(),
+                                 model_config=FAMILIES[model.family].config_dict(model), family=model.family,
+                                 history=history)
                 last_ckpt = save_checkpoint(run_dir, model, optimizer, state, keep=cfg.keep_checkpoints,
                                             world=world)
     except RuntimeError as e:  # a collective another rank never joined: say which rank, and what was kept
@@ -368,7 +367,7 @@ def _where_nonfinite(model: LNModel, idx: Tensor, cfg: TrainConfig, device: torc
     under FSDP2, whose forwards are collective); None for a finite loss."""
     if math.isfinite(loss) or world.fsdp:
         return None
-    from .method.diagnose import first_nonfinite_site
+    from ..method.diagnose import first_nonfinite_site
 
     return first_nonfinite_site(model, idx, _autocast(cfg, device))
 

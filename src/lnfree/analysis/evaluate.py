@@ -203,11 +203,11 @@ def evaluate_ce(model: nn.Module, batches: Iterable[Tensor], *, dtype: str = "fp
 
 def _nonfinite_cause(model: nn.Module, losses: list[Tensor], inputs: list[Tensor], dtype: str) -> str:
     """'; <the first norm site that overflowed>' on the first batch with a non-finite loss, for a norm model."""
-    from .models.base import LNModel
+    from ..models.base import LNModel
 
     if not isinstance(model, LNModel):
         return ""
-    from .method.diagnose import first_nonfinite_site
+    from ..method.diagnose import first_nonfinite_site
 
     bad = next(i for i, x in enumerate(losses) if not torch.isfinite(x).all())
     autocast = torch.autocast(inputs[bad].device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
@@ -219,7 +219,7 @@ def _nonfinite_cause(model: nn.Module, losses: list[Tensor], inputs: list[Tensor
 def load_eval_data(name: str, tokenizer: Any, *, cache_root: str | os.PathLike | None = None,
                    progress: bool = True):
     """A known dataset name, a token-cache folder, or a local file/folder (all of it is evaluation data)."""
-    from .data import MANIFEST_FILE, TokenCache, build_token_cache
+    from ..data import MANIFEST_FILE, TokenCache, build_token_cache
 
     if name in EVAL_DATASETS:
         spec = EVAL_DATASETS[name]
@@ -259,8 +259,8 @@ def default_ctx(models: dict[str, nn.Module], ctx: int | None) -> int:
 def check_eval_numbers(batch_size: int, max_tokens: int | None, ctx: int | None, device: str | None) -> str:
     """`eval` and `compare`: --batch-size, --tokens, --ctx and --device, checked before any model or data is read;
     returns the device to use."""
-    from .config import AT_LEAST_1, Range, check_value
-    from .distributed import resolve_device
+    from ..distributed import resolve_device
+    from ..run.config import AT_LEAST_1, Range, check_value
 
     check_value("--batch-size", batch_size, AT_LEAST_1)
     if max_tokens is not None:
@@ -275,7 +275,7 @@ def _eval_batches(cache: Any, ctx: int, batch_size: int, max_tokens: int | None)
 
     A dataset with fewer sequences than one batch is evaluated as one smaller batch rather than not at all.
     """
-    from .data import SequenceSampler
+    from ..data import SequenceSampler
 
     if max_tokens is not None and max_tokens < ctx:
         raise ValueError(f"--tokens {max_tokens} is less than one sequence of {ctx} tokens (--ctx); give at least "
@@ -368,8 +368,8 @@ def model_labels(sources: list[str], names: list[str] | None = None) -> list[str
 
 def pick_tokenizer(model_dirs: list[Path], explicit: str | os.PathLike | None = None):
     """The tokenizer every model is scored with: `explicit`, else the models' own (they must agree)."""
-    from .models.io import TOKENIZER_FILES
-    from .tokenizer import load_tokenizer, tokenizer_fingerprint
+    from ..models.io import TOKENIZER_FILES
+    from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 
     if explicit is not None:
         return load_tokenizer(explicit)
@@ -394,9 +394,9 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     """Load models and datasets by name, check them all, then CE on every dataset and lm-eval benchmarks.
     `batch_size` "auto" lets lm-eval size its batches (CE then uses 8); `output_path` / `log_samples` write
     lm-eval's own result files, one folder per model."""
-    from .config import AT_LEAST_0, Range, check_value
-    from .models import load_model
-    from .models.io import resolve_model_dir
+    from ..models import load_model
+    from ..run.config import AT_LEAST_0, Range, check_value
+    from ..sources import resolve_model_dir
 
     if not data and not tasks:
         raise ValueError("nothing to evaluate: give --data and/or --tasks")
@@ -419,8 +419,9 @@ def run_eval(sources: list[str], data: list[str], *, names: list[str] | None = N
     dirs = [resolve_model_dir(s) for s in sources]
     results: dict[str, Any] = {"models": {}, "ce": {}, "benchmarks": {}}
     if data:
-        tok = pick_tokenizer(dirs, tokenizer)
+        # models first: a damaged config.json is named as such, not taken for a missing tokenizer
         models = {label: load_model(d, dtype=torch.float32) for label, d in zip(labels, dirs, strict=True)}
+        tok = pick_tokenizer(dirs, tokenizer)
         reference = load_model(resolve_model_dir(kl_reference), dtype=torch.float32) if kl_reference else None
         caches = {name: load_eval_data(name, tok, cache_root=cache_root, progress=progress) for name in data}
         results = compare(models, caches, ctx=ctx, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype,

@@ -1,11 +1,11 @@
-"""Typed run configuration. Recipes (`lnfree.recipes`) fill these; the CLI overrides single fields."""
+"""Typed run configuration. Recipes (`lnfree.run.recipes`) fill these; the CLI overrides single fields."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .method.schedule import RemovalSpec
-from .method.sigma import SigmaRule
+from ..method.schedule import RemovalSpec
+from ..method.sigma import SigmaRule
 
 
 def _opt(default, help: str, **kw):
@@ -73,7 +73,7 @@ def check_value(label: str, value: float, valid: Range) -> None:
 def check_settings(values: dict, where: str | None = None) -> None:
     """Refuse a training setting of the wrong type or out of its range, in one line naming it and what is valid.
     `where` names the --config file the values came from (its keys are named then; else their flags)."""
-    from .method.aux import AUX_KINDS  # torch: loaded only when a run is about to start
+    from ..method.aux import AUX_KINDS  # torch: loaded only when a run is about to start
 
     types = {f.name: str(f.type) for f in fields(TrainConfig)} | {name: "float" for name in SIGMA_OVERRIDES}
     choices = {"dtype": DTYPES, "aux_kind": AUX_KINDS}

@@ -22,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ..method.schedule import SITE_KINDS, RemovalSpec, Schedule, SiteSpec, build_schedule, standard_layout
+from ..method.sigma import SigmaRule
+from ..models.names import PAPER_FAMILY
 from .config import Recipe, TrainConfig
-from .method.schedule import SITE_KINDS, RemovalSpec, Schedule, SiteSpec, build_schedule, standard_layout
-from .method.sigma import SigmaRule
 
 _HEIMERSHEIM = "Heimersheim 2024, arXiv 2409.13710"
 _BARONI = "Baroni et al. 2025, arXiv 2507.02559"
@@ -200,7 +201,7 @@ def lnfree(n_layer: int) -> Recipe:
 
 
 def lnfree_uniform(n_layer: int) -> Recipe:
-    """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with five changes:
+    """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with six changes:
 
       * an auxiliary loss that makes the per-token std uniform at the input of every norm, scale-free
         (`aux_kind` "sites-worst": mean log²(σ_t/σ̄) plus each sequence's largest term, weight 10), where
@@ -211,8 +212,9 @@ def lnfree_uniform(n_layer: int) -> Recipe:
         50 warm steps (held-out CE 2.02 → 2.87 at step 25 → 2.46 at step 50: the model relearns its attention
         sink);
       * the "outlier" special instead of position-0 / EOT specials: once a site freezes, any token whose std is
-        above σ̂ keeps its live output (divided by its own std: a live norm for outliers only), eased out site by
-        site over a whole span each (not 2 steps) — SmolLM2 writes massive activations at position 0 and at
+        above σ̂ keeps its live output (divided by its own std: a live norm for outliers only), eased out at every
+        site together after the last freeze over three quarters of the remaining steps, weight (steps left /
+        ramp)², then a tail at weight 0 — SmolLM2 writes massive activations at position 0 and at
         early delimiter tokens (a space at position 1: 10× the median in block 2, 600× after one frozen SwiGLU,
         inf by block 9). Capping outliers at 2σ̂ instead (first try) doubled the attention sink's keys and values
         at every freeze: held-out CE 2.08 → 3.29 over the Q/K phase, then gradient norms of 10³–10⁵ and CE 7.3
@@ -221,26 +223,39 @@ def lnfree_uniform(n_layer: int) -> Recipe:
       * σ̂ as the geometric mean of the per-token std, followed by one EMA update per optimizer step (momentum
         0.9; the same at any micro-batch or world size): an exploding token lifted the mean-std σ̂ of later sites
         from ~4 to ~10⁵ within ten steps and crushed every ordinary token;
-      * an lr for fine-tuning a pretrained model (1e-4, cosine to 1e-5 at twice the run), no dropout;
+      * σ̂ keeps following a frozen site's input until its special is gone (`tracking` "until-fixed"; the final
+        model divides by the values it had then). With σ̂ fixed at each freeze, after 250 steps the median token
+        sat 2–23 % above σ̂ at every frozen site, so the k = 1 special kept a live norm for most tokens: the
+        model never learnt to do without one, and at weight 0 every token ran away through the SwiGLU blocks (CE
+        NaN; even with σ̂ re-measured it was 10.8). From that checkpoint, all specials eased out over 200 steps
+        with σ̂ following (a probe: weight (1 − s/200)², lr 5e-5): CE at weight 0 went NaN → 43.9 (step 80) →
+        2.38 (step 100) → 2.29 (120), where the same ease over 100 steps without it stayed NaN and diverged at
+        weight 0.2. Following on at weight 0 made it worse (run uwt-s0: held-out CE 2.30 → 6.13 over the last 76
+        steps);
+      * an lr for fine-tuning a pretrained model (1e-4, cosine to 1e-5 at the end of the run, so the last steps
+        without any norm take small ones), no dropout;
       * a warm phase (a fifth of the natural schedule) before the first freeze, with the auxiliary loss at weight
         10 (the figures of the first bullet); at weight 1 and no warm phase the massive activations were still
         there when the specials were eased out, and the run collapsed then (CE 2.14 → 6.98).
 
-    Not yet a finished removal on SmolLM2: every variant so far diverges when the specials are eased out
-    (benchmarks/RESULTS.md).
+    Measured on SmolLM2-135M: benchmarks/RESULTS.md.
     """
     base = lnfree(n_layer)
-    span = base.removal.special_span
-    warm = recipe_schedule(base, n_layer).total_steps // 5
-    # the outlier special (below) at every site once it freezes, eased out site by site over a whole span each after
-    # the last freeze (easing each out right after its own freeze, `bos_lag`, collapsed sooner: step 130 of 400);
-    # EOT positions need no special of their own (an EOT token that is an outlier is one); the first freeze waits
-    # for a warm phase in which the auxiliary loss alone shrinks the massive activations
-    removal = replace(base.removal, eot_kinds=(), bos_ramp=span, start=base.removal.start + warm)
-    train = replace(base.train, lr=1e-4, min_lr=1e-5, dropout=0.0, aux_weight=10.0, aux_kind="sites-worst",
-                    betas=(0.9, 0.95))
-    sigma = SigmaRule(statistic="geo_std", positions="apart", ema="step", momentum=0.9, special="outlier",
-                      outlier_factor=1.0)
+    natural = recipe_schedule(base, n_layer)
+    warm = natural.total_steps // 5
+    rest = natural.total_steps - max(natural.freeze_at.values())  # steps after the last freeze
+    ramp = round(0.75 * rest)
+    # the outlier special (below) at every site once it freezes, eased out at every site together over three
+    # quarters of the steps after the last freeze, weight (steps left / ramp)², then a tail at weight 0 (easing each
+    # out right after its own freeze, `bos_lag`, collapsed sooner: step 130 of 400); EOT positions need no special
+    # of their own (an EOT token that is an outlier is one); the first freeze waits for a warm phase in which the
+    # auxiliary loss alone shrinks the massive activations
+    removal = replace(base.removal, eot_kinds=(), start=base.removal.start + warm, special_span=0, eot_after=1,
+                      bos_after=ramp + 1, bos_ramp=ramp, bos_power=2.0, tail=rest - ramp - 2)
+    train = replace(base.train, lr=1e-4, min_lr=1e-5, decay_steps=None, dropout=0.0, aux_weight=10.0,
+                    aux_kind="sites-worst", betas=(0.9, 0.95))
+    sigma = SigmaRule(statistic="geo_std", positions="apart", ema="step", momentum=0.9, tracking="until-fixed",
+                      special="outlier", outlier_factor=1.0)
     total = None if base.total_steps is None else base.total_steps + warm
     return replace(base, name="lnfree-uniform", removal=removal, train=train, sigma=sigma, total_steps=total,
                    source="ours: lnfree + uniform per-token std at every norm (log loss) + fine-tuning lr")
@@ -256,8 +271,7 @@ PRESETS: dict[str, Callable[[int], Recipe]] = {
 }
 
 
-PAPER_FAMILY = "gpt2"  # both papers removed GPT-2's norms only
-DEFAULT_PRESETS = {"gpt2": "baroni2025"}  # per family; the rest take DEFAULT_OTHER
+DEFAULT_PRESETS = {PAPER_FAMILY: "baroni2025"}  # per family; the rest take DEFAULT_OTHER
 DEFAULT_OTHER = "lnfree-uniform"
 
 
@@ -303,7 +317,8 @@ def recipe_schedule(recipe: Recipe, layout: list[SiteSpec] | int, steps: int | N
 def describe_training(t: TrainConfig, s: SigmaRule) -> str:
     """One line of the settings a timeline does not show (for `lnfree schedule` and `lnfree remove`)."""
     ema = "σ̂ fixed" if not s.collects else f"σ̂ EMA per {s.ema} (momentum {s.momentum:.4g})"
-    ema += f" of the {s.statistic}"
+    following = s.collects and s.tracking == "until-fixed"
+    ema += f" of the {s.statistic}" + (", frozen sites too until their specials go" if following else "")
     aux = f"aux {t.aux_weight:g}" + (f" ({t.aux_kind})" if t.aux_weight else "")
     special = f"; {s.special} special (k={s.outlier_factor:g})" if s.special == "outlier" else ""
     decay = f"cosine to {t.min_lr:g} at step {t.decay_steps or t.steps}"

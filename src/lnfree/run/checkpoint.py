@@ -7,7 +7,7 @@ Layout of one checkpoint, `RUN/checkpoints/step_00000050/`, in one of two forms:
   or
     dcp/                   model and optimizer as `torch.distributed.checkpoint` shards           FSDP2 (every rank)
 and in both
-    state.json             step, train config, schedule, data cursor, model config, loss history
+    state.json             step, data cursor, model config, loss history (settings and schedule: run.json)
 Parameters are named by their fully qualified names (`torch.distributed.checkpoint.state_dict`), so either form
 loads into a plain, a DDP or an FSDP2 model at any world size. No generator state is kept: dropout masks are
 seeded per micro-batch (lnfree.distributed.micro_seed). Nothing is unpickled on load. A checkpoint is written
@@ -38,10 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .distributed import SINGLE, World
-from .jsonfile import read_json
-from .models.base import LNModel
-from .models.io import FAMILIES
+from ..distributed import SINGLE, World
+from ..jsonfile import read_json
+from ..models.base import LNModel
+from ..models.families import FAMILIES
 
 _PREFIX = "step_"
 
@@ -51,13 +51,10 @@ class RunState:
     """What a checkpoint holds besides tensors; plain JSON."""
 
     step: int  # the next optimizer step to run
-    train: dict
-    schedule: dict
     data: dict  # the sampler's cursor
     model_config: dict  # transformers-style config.json of the model
     family: str
     history: list  # recent per-step losses (the spike guard's window)
-    extra: dict
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -83,7 +80,8 @@ def load_latest_readable(run_dir: Path, model: nn.Module, optimizer: torch.optim
     distributed run agree on the checkpoint they take."""
     found = checkpoints(run_dir)
     if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}; drop --resume to start")
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)} (the run stopped before its "
+                                "first); start it again with --overwrite instead of --resume")
     for path in reversed(found):
         try:
             state = restore(path, model, optimizer, world)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .models.base import LNModel
+from ..models.base import LNModel
 
 PROMPT_SETS = {"ioi-gpt2": "ioi_gpt2.jsonl", "stdlib-copy": "stdlib_copy.jsonl"}  # packaged: src/lnfree/prompts/
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import matplotlib
 
-from .jsonfile import read_json, read_jsonl
+from ..jsonfile import read_jsonl
+from ..method.schedule import Schedule
+from ..run.record import RUN_FILE, RunRecord, read_record
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,9 +28,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
-def _run_info(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    return read_json(path) if path.exists() else {}
+def _mode(run_dir: Path) -> str:
+    record = read_record(run_dir)
+    return record.mode if record else "?"
+
+
+def _schedule(run_dir: Path) -> Schedule | None:
+    record = read_record(run_dir)
+    return record.schedule if record else None
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -42,7 +49,7 @@ def _smooth(values: list[float], k: int) -> list[float]:
 def _readable(run: Path) -> bool:
     """A sibling run whose files can be read; a damaged one is left out of this run's figures, not fatal to it."""
     try:
-        read_metrics(run), _run_info(run)
+        read_metrics(run), read_record(run)
     except (OSError, ValueError):
         return False
     return True
@@ -61,26 +68,28 @@ def _draw_loss(ax, run_dir: Path, others: list[Path]) -> None:
         rows = metrics if path == run_dir else read_metrics(path)
         if not rows:
             continue
-        label = f"{path.name} ({_run_info(path).get('mode', '?')})"
+        label = f"{path.name} ({_mode(path)})"
         ax.plot([r["step"] for r in rows], _smooth([r["loss"] for r in rows], k), label=label,
                 lw=1.6 if i == 0 else 1.1, alpha=1.0 if i == 0 else 0.8)
-    _draw_events(ax, _run_info(run_dir).get("schedule", {}))
+    _draw_events(ax, _schedule(run_dir))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"train CE (nats), mean of {k} step(s)")
     ax.set_title(f"{run_dir.name}: loss with removal events")
     ax.legend(fontsize=7, loc="upper right")
 
 
-def _draw_events(ax, schedule: dict, legend: bool = True) -> None:
+def _draw_events(ax, schedule: Schedule | None, legend: bool = True) -> None:
     """A vertical line at each freeze (colour by site kind) and each removal of a special σ̂ (black)."""
+    if schedule is None:
+        return
     seen = set()
-    for site, step in schedule.get("freeze_at", {}).items():
+    for site, step in schedule.freeze_at.items():
         kind, colour = site_colour(site)
         ax.axvline(step, color=colour, lw=0.6, alpha=0.5,
                    label=f"freeze {kind}" if legend and kind not in seen else None)
         seen.add(kind)
     for key, label, style in (("eot_off", "EOT special σ̂ removed", ":"), ("bos_off", "BOS special σ̂ removed", "--")):
-        for i, step in enumerate(sorted(set(schedule.get(key, {}).values()))):
+        for i, step in enumerate(sorted(set(getattr(schedule, key).values()))):
             ax.axvline(step, color="k", ls=style, lw=0.9, label=None if i or not legend else label)
 
 
@@ -111,11 +120,11 @@ def _draw_val(ax, run_dir: Path, others: list[Path]) -> None:
         rows = [r for r in read_metrics(path) if "val_loss" in r]
         if rows:
             ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3,
-                    lw=1.6 if i == 0 else 1.1, label=f"{path.name} ({_run_info(path).get('mode', '?')})")
+                    lw=1.6 if i == 0 else 1.1, label=f"{path.name} ({_mode(path)})")
             drawn = True
     if not drawn:
         return _note(ax, "no validation CE in metrics.jsonl\n(run with --eval-every N)")
-    _draw_events(ax, _run_info(run_dir).get("schedule", {}), legend=False)
+    _draw_events(ax, _schedule(run_dir), legend=False)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation CE (nats)")
     ax.set_title("validation CE")
@@ -126,7 +135,8 @@ def _draw_sigma(ax, run_dir: Path) -> None:
     rows = [r for r in read_metrics(run_dir) if "sigma" in r]
     if not rows:
         return _note(ax, "no σ̂ in metrics.jsonl (a control or pretraining run keeps its norms)")
-    freeze_at = _run_info(run_dir).get("schedule", {}).get("freeze_at", {})
+    schedule = _schedule(run_dir)
+    freeze_at = schedule.freeze_at if schedule else {}
     steps = [r["step"] for r in rows]
     seen = set()
     for site in rows[0]["sigma"]:
@@ -156,25 +166,25 @@ def residual_std_by_position(model, batch) -> list[float]:
 
 def _draw_residual(ax, run_dir: Path, others: list[Path], cache_root: Path | None) -> None:
     """The original model against each run's final model, on the first sequences of the run's training data."""
-    from .data import SequenceSampler, build_token_cache
-    from .models import load_model
-    from .models.io import load_source
-    from .tokenizer import load_tokenizer
+    from ..data import SequenceSampler, build_token_cache
+    from ..models import load_model
+    from ..sources import load_source
+    from ..tokenizer import load_tokenizer
 
-    info = _run_info(run_dir)
     try:
+        record = RunRecord.read(run_dir)
         final = run_dir / "final"
         tokenizer = load_tokenizer(final)
-        cache = build_token_cache(info["data"], tokenizer, split="train", cache_root=cache_root, progress=False)
-        ctx = info["train"]["ctx"]
+        cache = build_token_cache(record.data, tokenizer, split="train", cache_root=cache_root, progress=False)
+        ctx = record.train.ctx
         batch = SequenceSampler(cache, ctx, shuffle=False).next_batch(min(8, cache.n_sequences(ctx)))
         curves = {}
-        if "model" in info:
-            curves[f"original ({Path(str(info['model'])).name})"] = residual_std_by_position(
-                load_source(info["model"])[0].eval(), batch)
+        if record.model is not None:
+            curves[f"original ({Path(record.model).name})"] = residual_std_by_position(
+                load_source(record.model)[0].eval(), batch)
         for path in [run_dir] + others:
             if (path / "final").is_dir():
-                curves[f"{path.name} ({_run_info(path).get('mode', '?')})"] = residual_std_by_position(
+                curves[f"{path.name} ({_mode(path)})"] = residual_std_by_position(
                     load_model(path / "final").eval(), batch)
     except Exception as e:  # a plot must not fail for want of a model or data: say why in the panel
         return _note(ax, f"residual std by position unavailable:\n{type(e).__name__}: {str(e)[:120]}")
@@ -217,5 +227,5 @@ def plot_with_siblings(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     plot_loss(run_dir)
     for sibling in _siblings(run_dir):
-        if (sibling / "run.json").exists():
+        if (sibling / RUN_FILE).exists():
             plot_loss(sibling)

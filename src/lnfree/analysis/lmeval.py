@@ -68,14 +68,14 @@ def resolve_tasks(tasks: str | list[str]) -> list[str]:
 
 def _load(model_dir_or_model: Any, tokenizer: Any) -> tuple[nn.Module, Any]:
     """(our model, tokenizer) from a folder / run folder / hub id, or from a model object plus a tokenizer."""
-    from .tokenizer import load_tokenizer
+    from ..tokenizer import load_tokenizer
 
     if isinstance(model_dir_or_model, nn.Module):
         if tokenizer is None:
             raise ValueError("a model object needs tokenizer= (a folder, hub id or tokenizer object)")
         model = model_dir_or_model
     else:
-        from .models.io import load_source
+        from ..sources import load_source
 
         model, where = load_source(model_dir_or_model)
         tokenizer = where.model_dir if tokenizer is None else tokenizer

@@ -4,7 +4,7 @@ Every figure compares the ORIGINAL (the reference, with its norms) with the LN-F
 (the same fine-tuning with norms kept) the outputs are compared with it too, and the mechanism figures of original
 vs vanilla stand beside those of original vs LN-free as the control: how much fine-tuning alone moves them.
 
-1. Outputs, on the evaluation protocol's sequences (`lnfree.evaluate`: no BOS, every next-token prediction):
+1. Outputs, on the evaluation protocol's sequences (`lnfree.analysis.evaluate`: no BOS, every next-token prediction):
    KL(original ‖ LN-free) and KL(vanilla ‖ LN-free) per token in nats (mean and quantiles), top-1 agreement,
    and per model CE, mean entropy (nats) and expected calibration error (15 equal-width bins of top-1 confidence).
 2. Mechanism, per component, on the same sequences:
@@ -22,7 +22,7 @@ vs vanilla stand beside those of original vs LN-free as the control: how much fi
      basis), with the neurons that changed most — each with `unembed_ratio`, how strongly its output direction
      reaches the ORIGINAL's centred unembedding relative to a typical direction (≪ 1: it writes into W_U's null
      space, as entropy neurons do).
-3. Patching, per prompt set (`lnfree.patching`: JSONL rows {"clean", "corrupt", "answer", "wrong"}; clean and
+3. Patching, per prompt set (`lnfree.analysis.patching`: JSONL rows {"clean", "corrupt", "answer", "wrong"}; clean and
    corrupt of equal token length, answer and wrong one token each): every head's output (z) taken from the corrupt
    run into the clean run, at every position, in each model; the effect is the mean change of the logit difference
    answer − wrong at the last prompt token (`delta`, nats; `effect` divides it by the full corrupt − clean change).
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..models.base import LNModel
 from .evaluate import summarize_losses, token_cross_entropy, token_kl
-from .models.base import LNModel
 from .patching import PromptSet, patch_heads, run_with_cache, select_prompt_sets
 
 ECE_BINS = 15
@@ -229,7 +229,7 @@ def compare_models(original: LNModel, lnfree: LNModel, batches: Iterable[Tensor]
     """Outputs, mechanisms and patching of `lnfree` against `original` (and `vanilla`), on (B, T) id batches and
     prompt sets → a JSON-ready dict (what `lnfree compare` writes to report.json). A `lnfree` model with frozen
     norms is folded; one that still normalises is refused."""
-    from .export.core import as_norm_free
+    from ..export.core import as_norm_free
 
     lnfree, _ = as_norm_free(lnfree, "the LN-free model")
     models = {"original": original, "lnfree": lnfree, **({"vanilla": vanilla} if vanilla is not None else {})}
@@ -368,14 +368,14 @@ def _jsonable(x: Any) -> Any:
 
 # ---- by name: what the command line runs -----------------------------------------------------------------------
 def _with_tokenizer(dirs: dict[str, Path | None]) -> dict[str, Path]:
-    from .models.io import TOKENIZER_FILES
+    from ..models.io import TOKENIZER_FILES
 
     return {name: d for name, d in dirs.items() if d is not None and any((d / f).is_file() for f in TOKENIZER_FILES)}
 
 
 def check_same_tokenizer(dirs: dict[str, Path | None]) -> None:
     """Refuse models whose own tokenizer files disagree (one line naming the pair)."""
-    from .tokenizer import load_tokenizer, tokenizer_fingerprint
+    from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 
     prints = {name: tokenizer_fingerprint(load_tokenizer(d)) for name, d in _with_tokenizer(dirs).items()}
     first = next(iter(prints), None)
@@ -392,7 +392,10 @@ def run_compare(original: str, lnfree: str, data: str, *, vanilla: str | None = 
                 progress: bool = True, command: str | None = None) -> dict[str, Any]:
     """Load the models (LNFREE folded if frozen), check shapes, tokenizers, data and prompt sets, then
     `compare_models`; with `out`, write report.md, report.json and the figures there."""
-    from .config import AT_LEAST_1, check_value
+    from ..export.core import load_norm_free
+    from ..run.config import AT_LEAST_1, check_value
+    from ..sources import load_source
+    from ..tokenizer import load_tokenizer
     from .evaluate import (
         _eval_batches,
         check_compatible,
@@ -401,9 +404,6 @@ def run_compare(original: str, lnfree: str, data: str, *, vanilla: str | None = 
         default_ctx,
         load_eval_data,
     )
-    from .export.core import load_norm_free
-    from .models.io import load_source
-    from .tokenizer import load_tokenizer
 
     device = check_eval_numbers(batch_size, max_tokens, ctx, device)
     check_value("--top-neurons", top_neurons, AT_LEAST_1)

@@ -14,18 +14,19 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, rundir
+from .. import distributed
+from ..analysis.plots import plot_with_siblings
+from ..data import DataSourceError, SequenceSampler, build_token_cache
+from ..method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
+from ..method.sigma import SigmaRule
+from ..models import save_model
+from ..models.base import LNModel
+from ..sources import load_source
+from ..tokenizer import load_tokenizer, tokenizer_fingerprint
+from . import rundir
 from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig, check_settings
-from .data import DataSourceError, SequenceSampler, build_token_cache
-from .jsonfile import read_json
-from .method.schedule import Schedule, SiteSpec, control_schedule, layout_depth, standard_layout
-from .method.sigma import SigmaRule
-from .models import save_model
-from .models.base import LNModel
-from .models.io import load_source
-from .plots import plot_with_siblings
 from .recipes import PAPER_FAMILY, default_preset, describe_training, for_family, get_recipe, recipe_schedule
-from .tokenizer import load_tokenizer, tokenizer_fingerprint
+from .record import RunRecord, RunSource
 from .train import RunResult, train
 
 # Calibration draws from its own stream so that an LN-free run and its control see the same training data.
@@ -135,7 +136,7 @@ def run_removal(model_source: str, data: str, out_dir: Path, *, preset: str | No
                 show_plan: bool = False, eval_data: str | None = None,
                 report_to: tuple[str, ...] = ()) -> RunResult:
     """Fine-tune `model_source` on `data`, removing every LN by `preset` (default baroni2025), or keeping them
-    (control). `out_dir` holds one run (see lnfree.rundir): new and empty, `resume`d, or cleared with
+    (control). `out_dir` holds one run (see lnfree.run.rundir): new and empty, `resume`d, or cleared with
     `overwrite`. `show_plan` prints the preset's settings and timeline first. With `eval_every` set, validation
     CE is measured on `eval_data`'s val split (default: `data`'s); `report_to` adds TensorBoard / W&B. Under
     torchrun every rank calls this and they make one run (lnfree.distributed)."""
@@ -198,10 +199,9 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     if resume:  # continue exactly what was started, and refuse a command line that would change it
         rundir.check_resume_matches(out_dir, mode, str(model_source), data, plan.preset if preset else None,
                                     {k: v for k, v in overrides.items() if v is not None})
-        saved = read_json(out_dir / "run.json")
+        saved = RunRecord.read(out_dir)
         safe = {k: v for k, v in overrides.items() if k in RESUME_SAFE and v is not None}
-        cfg, schedule = replace(TrainConfig.from_dict(saved["train"]), **safe), Schedule.from_dict(saved["schedule"])
-        sigma = SigmaRule.from_dict(saved["sigma"]) if "sigma" in saved else sigma
+        cfg, schedule, sigma = replace(saved.train, **safe), saved.schedule, saved.sigma or sigma
     elif control:
         # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
         # which belongs to the removal (the 2025 code trained its control with it).
@@ -224,15 +224,12 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
     sampler = SequenceSampler(cache, cfg.ctx, seed=cfg.seed, window=window)
     calib = SequenceSampler(cache, cfg.ctx, seed=cfg.seed + _CALIBRATION_SEED_OFFSET, window=window)
     calibration = [calib.next_batch(cfg.micro_batch) for _ in range(cfg.calibration_batches)]
-    extra = {"model": str(model_source), "data": data, "preset": plan.preset,
-             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_manifest": cache.manifest,
-             "data_window_sequences": window}
-    if val:
-        extra["eval_data"] = eval_data or data
-    if where.gguf:
-        extra["model_gguf"] = where.gguf
+    source = RunSource(data=data, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                       data_manifest=cache.manifest, model=str(model_source), preset=plan.preset,
+                       data_window_sequences=window, eval_data=(eval_data or data) if val else None,
+                       model_gguf=where.gguf or None)
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
-                   resume=resume, mode=mode, extra=extra, progress=progress, val_batches=val, report_to=report_to)
+                   resume=resume, mode=mode, source=source, progress=progress, val_batches=val, report_to=report_to)
     if world.is_main:
         final = result.model.fold() if not control else result.model
         save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)
@@ -260,10 +257,10 @@ def _run_pretrain(model, tokenizer_dir, data, out_dir, cfg, resume, cache_root, 
     with world.local_main_first():
         cache, _ = _token_stream(data, tokenizer, cfg, cache_root, progress, sample=False)  # pretraining: every token
         val = _validation_batches(data, eval_data, tokenizer, cfg, cache_root, progress)
-    extra = {"data": data, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-             "data_manifest": cache.manifest}
+    source = RunSource(data=data, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                       data_manifest=cache.manifest)
     result = train(model, SequenceSampler(cache, cfg.ctx, seed=cfg.seed), cfg, control_schedule(cfg.steps),
-                   out_dir, resume=resume, mode="pretrain", extra=extra, progress=progress, val_batches=val,
+                   out_dir, resume=resume, mode="pretrain", source=source, progress=progress, val_batches=val,
                    report_to=report_to)
     if world.is_main:
         save_model(result.model.float(), out_dir / "final", tokenizer_from=tokenizer_dir)
