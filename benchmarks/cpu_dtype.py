@@ -1,7 +1,7 @@
 """The removal step on CPU in fp32 against bf16 autocast, side by side in one run (issue 20, item 4).
 
 Models: SmolLM2-135M (the real model, `--models smollm2`; preset lnfree-uniform) and the demo's shipped analog
-(`analog`; preset lnfree). Each is timed mid-removal (`lnfree.run.train.Stepper` at the schedule's step where half the
+(`analog`; preset lnfree). Each is timed mid-removal (`lnfree.run.step.Stepper` at the schedule's step where half the
 sites are frozen, specials, aux loss and σ̂ statistics on), one micro-batch per step, in interleaved rounds (the
 order alternates) so that a busy machine slows both alike. Prints tokens/s medians and the bf16/fp32 ratio paired
 within rounds. Whether bf16 keeps the CE gap is `benchmarks/analog.py --dtype bf16` against `--dtype fp32`.
@@ -23,7 +23,7 @@ from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.method.calibrate import calibrate
 from lnfree.models import load_model
 from lnfree.run.recipes import get_recipe, recipe_schedule
-from lnfree.run.train import Stepper, native_bf16_cpu
+from lnfree.run.step import Stepper, native_bf16_cpu
 from lnfree.sources import load_source
 from lnfree.tokenizer import load_tokenizer
 

@@ -3,7 +3,7 @@
 Random weights (no download), bf16 autocast with fp32 master weights, ctx 1024, `torch.compile`d, fused AdamW, grad
 clip 1.0, dropout 0.1 (the presets'). For each shape, one after the other (each model alone on the card):
 
-  removal       lnfree's step mid-removal (`lnfree.run.train.Stepper`, what `lnfree remove --compile` runs): the
+  removal       lnfree's step mid-removal (`lnfree.run.step.Stepper`, what `lnfree remove --compile` runs): the
                 `lnfree` preset's schedule where half the sites are frozen, position-0 / EOT specials on, aux loss on, σ̂
                 statistics collected (per-call EMA). Compiled once for every site state (`set_static_graph`).
   plain         lnfree's vanilla-control step (every LayerNorm live, no statistics, no aux loss)
@@ -72,7 +72,7 @@ def flops_per_token(n_layer: int, d: int, vocab: int, ctx: int) -> float:
 def step_variants(shape: str, args, device: str):
     """(name, build) pairs: build() returns (step_fn(step, batch), model_to_free)."""
     from lnfree.run.recipes import get_recipe, recipe_schedule
-    from lnfree.run.train import Stepper
+    from lnfree.run.step import Stepper
 
     n_layer, d, heads, micro = SHAPES[shape]
     micro = args.micro_batch or micro

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from lnfree.analysis.evaluate import evaluate_ce, load_eval_data
+from lnfree.analysis.eval_data import load_eval_data
+from lnfree.analysis.evaluate import evaluate_ce
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo_real import position0_ratio
 from lnfree.jsonfile import read_jsonl
@@ -117,7 +118,7 @@ def profile(args) -> None:
 def warm(args) -> None:
     """Every norm live, CE + weight × the "sites" uniformity loss (lnfree-uniform's warm phase, on its own): how fast
     the massive activations shrink and what it costs. Prints held-out CE and position 0's ratio per block."""
-    from lnfree.run.train import next_token_loss
+    from lnfree.run.step import next_token_loss
 
     model, where = load_source(args.model)
     tokenizer = load_tokenizer(where.model_dir)

@@ -4,7 +4,7 @@ Both train the same random-weight GPT-2 (built with `transformers`, read into ln
 token batches. Variants, timed in interleaved rounds (the order rotates every round) so that a busy machine slows
 them alike:
 
-  removal      lnfree's step mid-removal (`lnfree.run.train.Stepper`, what `lnfree remove` runs): the `lnfree` preset's
+  removal      lnfree's step mid-removal (`lnfree.run.step.Stepper`, what `lnfree remove` runs): the `lnfree` preset's
                schedule at the step where half the sites are frozen, position-0 / EOT specials on at the frozen
                ones, the auxiliary loss on, σ̂ statistics collected (the preset's per-call EMA)
   all-live     the same step before the first freeze (every site live, statistics and aux loss on)
@@ -89,7 +89,7 @@ def lnfree_variants(model, cfg, preset: str, device: str) -> list[Variant]:
     from lnfree.method.calibrate import apply_site_states, calibrate
     from lnfree.method.schedule import SiteState
     from lnfree.run.recipes import get_recipe, recipe_schedule
-    from lnfree.run.train import Stepper
+    from lnfree.run.step import Stepper
 
     recipe = get_recipe(preset, model.n_layers)
     schedule = recipe_schedule(recipe, model.site_layout())
@@ -251,7 +251,7 @@ def main() -> None:
     batches = [token_batch(args.batch, args.ctx, args.vocab, seed).to(args.device) for seed in range(4)]
     with torch.no_grad():  # the same function before any step: the comparison is like for like
         ours.eval(), hf.eval()
-        from lnfree.run.train import next_token_loss
+        from lnfree.run.step import next_token_loss
 
         next(v for v in variants if v.name == "plain").prepare()  # every site live
         ce_ours = next_token_loss(ours(batches[0]), batches[0]).item()

@@ -15,7 +15,8 @@ import transformers
 
 from conftest import make_hf_gpt2, random_tokens
 from family_checks import frozen_with_distinct_sigmas
-from lnfree.analysis.compare import compare_models, expected_calibration_error, js_per_head, token_dla
+from lnfree.analysis.compare import compare_models
+from lnfree.analysis.compare_measures import expected_calibration_error, js_per_head, token_dla
 from lnfree.analysis.patching import PROMPT_SETS, patch_heads, prompt_set_path, read_prompt_set, run_with_cache
 from lnfree.cli import main
 from lnfree.models import load_model, save_model
@@ -246,7 +247,8 @@ def run_dirs(tmp_path_factory):
 
 
 def test_cli_writes_the_report_and_its_figures_agree_with_evaluate(run_dirs, capsys):
-    from lnfree.analysis.evaluate import _eval_batches, evaluate_ce, load_eval_data
+    from lnfree.analysis.eval_data import eval_batches, load_eval_data
+    from lnfree.analysis.evaluate import evaluate_ce
 
     root, out = run_dirs, run_dirs / "report"
     args = ["compare", str(root / "original"), str(root / "lnfree"), "--vanilla", str(root / "vanilla"), "--data",
@@ -265,7 +267,7 @@ def test_cli_writes_the_report_and_its_figures_agree_with_evaluate(run_dirs, cap
     cache = load_eval_data(str(root / "data"), tok, cache_root=root / "cache", progress=False)
     lnfree = load_model(root / "lnfree")
     for name in ("original", "vanilla"):
-        batches, n, _ = _eval_batches(cache, 32, 3, 256)
+        batches, n, _ = eval_batches(cache, 32, 3, 256)
         ref = evaluate_ce(lnfree, list(batches), reference=load_model(root / name), progress=False)
         assert r["outputs"]["kl_to_lnfree"][name]["mean"] == pytest.approx(ref.kl, rel=1e-5)
         assert r["outputs"]["models"]["lnfree"]["ce"] == pytest.approx(ref.mean, rel=1e-5)

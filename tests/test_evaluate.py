@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_hf_gpt2
-from lnfree.analysis.evaluate import check_compatible, compare, evaluate_ce, load_eval_data, summarize_losses
+from lnfree.analysis.eval_data import check_compatible, load_eval_data
+from lnfree.analysis.eval_suite import compare
+from lnfree.analysis.evaluate import evaluate_ce, summarize_losses
 from lnfree.analysis.tables import format_markdown, table_rows, with_table
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.method.calibrate import calibrate

@@ -106,12 +106,12 @@ def test_non_finite_weights_are_refused_before_the_run_writes_anything(tiny_setu
 
 
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_behind(tiny_setup, tmp_path, capsys, monkeypatch):
-    import lnfree.run.train as train_module
+    import lnfree.run.step as step_module
 
     def fail(*args, **kwargs):
         raise ValueError("planted failure at step 0")
 
-    monkeypatch.setattr(train_module.Stepper, "compute", fail)
+    monkeypatch.setattr(step_module.Stepper, "compute", fail)
     _refused(_run(tiny_setup, tmp_path / "run", capsys=capsys), "planted failure")
     assert not (tmp_path / "run").exists()  # run.json went with it: the same command works again
 

@@ -20,7 +20,7 @@ import transformers
 from lnfree.run.config import TrainConfig
 from lnfree.run.recipes import get_recipe, recipe_schedule
 from lnfree.run.runs import removal_plan
-from lnfree.run.train import lr_at
+from lnfree.run.step import lr_at
 
 # config.py: name -> (function, n_layers, max_steps, where the run stops — the aux runs' published checkpoint, the
 #                     no-aux runs' max_steps (they published none) —, base_batch_size, warmup_steps,
@@ -198,3 +198,14 @@ def test_the_lnfree_presets_lr_claim_holds_at_every_gpt2_depth():
             assert f"{stated:.2f}×" in text, (where, n_layer)
     for where, text in {**texts, "source": get_recipe("lnfree", 12).source}.items():
         assert "no lr decay" not in text and "no decay before" not in text, where
+
+
+def test_a_per_size_preset_takes_its_gpt2_size_from_the_parameter_count_beyond_gpt2():
+    """A 36-layer Llama of 130M parameters is no GPT-2 large: it gets small's settings (lr 6e-4, 300 steps at
+    depth 12), and a 1.5B-parameter model of 12 layers XL's (lr 1e-4) — with the choice said in the plan's notes.
+    A GPT-2 keeps the paper's choice by depth."""
+    small = removal_plan(36, "baroni2025", {}, family="llama", params=130_000_000)
+    assert small.train.lr == 6e-4
+    assert any("baroni2025-small" in note and "130M" in note for note in small.notes)
+    assert removal_plan(12, "lnfree", {}, family="gpt_neox", params=1_500_000_000).train.lr == 1e-4
+    assert removal_plan(36, "baroni2025", {}, family="gpt2", params=130_000_000).train.lr == 3e-4

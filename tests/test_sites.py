@@ -15,9 +15,9 @@ from lnfree.models import load_model
 from lnfree.run.recipes import get_recipe
 
 
-def _layer(d=12, paths=("",)):
+def _layer(d=12, roles=("ln2",)):
     torch.manual_seed(0)
-    ln = RemovableLayerNorm(d, 1e-5, "blocks.0.ln2", paths=paths)
+    ln = RemovableLayerNorm(d, 1e-5, roles, 0)
     with torch.no_grad():
         ln.weight.normal_(1, 0.3)
         ln.bias.normal_(0, 0.3)
@@ -78,9 +78,9 @@ def test_eot_special_and_geometric_easing():
 
 
 def test_qk_and_v_paths_switch_independently():
-    ln, x = _layer(paths=("qk", "v")), torch.randn(2, 5, 12) * 3
+    ln, x = _layer(roles=("ln1qk", "ln1v")), torch.randn(2, 5, 12) * 3
     qk, v = ln.sites
-    assert [qk.name, v.name] == ["blocks.0.ln2.qk", "blocks.0.ln2.v"]
+    assert [qk.name, v.name] == ["blocks.0.ln1.qk", "blocks.0.ln1.v"]
     for s in (qk, v):
         s.bos_weight.fill_(0.0)
         s.eot_weight.fill_(0.0)
@@ -374,10 +374,21 @@ def test_fold_refuses_live_sites_and_specials(hf_gpt2_dir):
         model.fold()
 
 
+def test_fold_refuses_a_family_that_declares_too_few_reads(hf_gpt2_dir):
+    """The generic fold copies what the twin shares by name and folds what `norm_reads` declares; a declaration
+    that forgets a map (here the head) must not ship the twin's freshly initialised weights."""
+    model = load_model(hf_gpt2_dir)
+    calibrate(model, [random_tokens(seed=5)])
+    _freeze_all(model)
+    model.norm_reads = lambda twin, declared=model.norm_reads: declared(twin)[:-1]
+    with pytest.raises(RuntimeError, match="lm_head"):
+        model.fold()
+
+
 # ---- RMSNorm sites (Llama, Qwen) ------------------------------------------------------------------------------
 def _rms_layer(d=12):
     torch.manual_seed(1)
-    ln = RemovableLayerNorm(d, 1e-6, "blocks.0.ln2", rms=True)
+    ln = RemovableLayerNorm(d, 1e-6, ("ln2",), 0, rms=True)
     with torch.no_grad():
         ln.weight.normal_(1, 0.3)
     return ln
@@ -439,7 +450,7 @@ def test_static_graph_computes_what_the_branches_compute(tracking, special):
         for v_state in states:
             layers = []
             for static in (False, True):
-                ln = _layer(paths=("qk", "v"))
+                ln = _layer(roles=("ln1qk", "ln1v"))
                 ln.static = static
                 ln.rule, ln.call_momentum, ln.collecting = rule, 0.6, True
                 for site, state, sigma in zip(ln.sites, (qk_state, v_state), (2.0, 3.0), strict=True):

@@ -121,7 +121,7 @@ def test_plot_renders_a_remove_run_with_its_control(tiny_setup, tmp_path, capsys
 
 
 def test_every_training_setting_is_a_flag():
-    from lnfree.cli import _overrides
+    from lnfree.commands.flags import training_overrides
 
     given = {"betas": (["0.8", "0.9"], (0.8, 0.9)), "dtype": (["bf16"], "bf16"), "device": (["cpu"], "cpu"),
              "decay_steps": (["7"], 7), "max_train_tokens": (["4096"], 4096)}
@@ -143,7 +143,7 @@ def test_every_training_setting_is_a_flag():
             expected[f.name] = default * 3
     args = build_parser().parse_args(argv)
     args.config_overrides = {}
-    assert _overrides(args) == expected
+    assert training_overrides(args) == expected
 
 
 def test_help_and_version_do_not_import_torch():

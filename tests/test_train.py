@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import make_hf_gpt2
+from lnfree.method.aux import aux_std_loss
 from lnfree.run.config import TrainConfig
-from lnfree.run.train import TrainingDiverged, _guard, aux_std_loss, next_token_loss
+from lnfree.run.step import next_token_loss
+from lnfree.run.train import TrainingDiverged, _guard
 
 CTX = 32
 RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2", "--ctx", str(CTX),
@@ -263,7 +265,7 @@ def test_weight_decay_groups_follow_each_code(hf_gpt2_dir):
     from transformers.trainer_pt_utils import get_parameter_names
 
     from lnfree.models import load_model
-    from lnfree.run.train import make_optimizer
+    from lnfree.run.step import make_optimizer
 
     model = load_model(hf_gpt2_dir)
     names = {id(p): n for n, p in model.named_parameters()}

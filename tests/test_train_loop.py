@@ -209,7 +209,7 @@ class _DeviceReads:
 def test_a_training_step_reads_the_device_once(model_dir, monkeypatch, ema):
     """The hot path has no host syncs: through site switches, specials being eased out, σ̂ statistics, the EMA and
     the aux loss, a step reads the device once — its losses and grad norm, together."""
-    from lnfree.run.train import Stepper
+    from lnfree.run.step import Stepper
 
     model = load_model(model_dir)
     schedule = Schedule(total_steps=5, freeze_at={"blocks.0.ln2": 1, "blocks.0.ln1.qk": 2, "blocks.1.ln1.v": 2},

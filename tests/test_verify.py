@@ -89,7 +89,7 @@ def test_cli_verify_missing_model_is_one_line_error(tmp_path, capsys):
 
 def test_eval_and_verify_agree_on_a_site_that_keeps_a_special(dirs):
     """One definition of "still normalising": a frozen site whose position-0 σ̂ is still weighted in counts."""
-    from lnfree.analysis.evaluate import _model_info
+    from lnfree.analysis.eval_suite import _model_info
     from lnfree.method.calibrate import apply_site_states, calibrate
     from lnfree.method.schedule import SiteState
 

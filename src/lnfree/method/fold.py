@@ -8,12 +8,23 @@ and the centring matrix C = I − 11ᵀ/D, a linear layer y = LN(x) Wᵀ + b rea
 so the LN disappears into new weights W' = (W diag(γ/σ̂)) C and bias b' = b + W β. Right-multiplying by C
 subtracts, from every row of W diag(γ/σ̂), its mean over the input dimension. A frozen RMSNorm, x / σ̂ · γ, is the
 same without C and β. Done in float64, then cast back.
+
+One fold serves every family (`fold_model`): a family declares, as `NormRead`s, which linear map reads which path
+of which norm (and, for per-head q/k norms, which projection's rows a head's gain scales); everything else of the
+norm-free twin is the model's own parameters under the same names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..models.base import LNModel
+    from .sites import RemovableLayerNorm
 
 
 @torch.no_grad()
@@ -30,6 +41,69 @@ def fold_layernorm_into_linear(
     if bias is not None:
         b64 = b64 + bias.double()
     return w64.to(weight.dtype), b64.to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class NormRead:
+    """A linear map reading path `site` of `norm`: its weight (out, in) and bias — `rows` of them, when one packed
+    projection serves several paths — fold into the same rows of `into`, a module of the norm-free twin. With
+    `per_head`, `norm` is instead a per-head norm applied to this map's output (Qwen3's q/k norms): its γ/σ̂_h
+    scales each head's rows of `into` (after the input side is folded)."""
+
+    norm: RemovableLayerNorm
+    weight: Tensor
+    bias: Tensor | None
+    into: nn.Linear
+    site: int = 0
+    rows: slice | Tensor | None = None
+    per_head: bool = False
+
+    @classmethod
+    def of(cls, norm: RemovableLayerNorm, linear: nn.Linear, into: nn.Linear, site: int = 0,
+           rows: slice | Tensor | None = None) -> NormRead:
+        return cls(norm, linear.weight, linear.bias, into, site, rows)
+
+
+@torch.no_grad()
+def fold_model(model: LNModel) -> LNModel:
+    """The norm-free twin of a fully frozen model (no live site, no special σ̂), computing the same function: every
+    parameter the twin shares by name and shape is copied, every `model.norm_reads(twin)` entry folded."""
+    model.check_foldable()
+    ref = next(model.parameters())
+    twin = type(model)(replace(model.config, normalization=False)).to(dtype=ref.dtype, device=ref.device)
+    theirs = twin.state_dict()
+    shared = {k: v for k, v in model.state_dict().items() if k in theirs and theirs[k].shape == v.shape}
+    twin.load_state_dict(shared, strict=False)
+    reads = model.norm_reads(twin)
+    for read in sorted(reads, key=lambda r: r.per_head):  # input sides first, then per-head output gains
+        _fold_read(read)
+    names = {id(m): n for n, m in twin.named_modules()}
+    written = {f"{names[id(r.into)]}.{p}" for r in reads for p in ("weight", "bias")}
+    unset = sorted(k for k in theirs if k not in shared and k not in written)
+    if unset:  # a family that declared too little would otherwise ship freshly initialised weights
+        raise RuntimeError(f"{type(model).__name__}.norm_reads leaves the norm-free twin's {', '.join(unset[:3])} "
+                           "unset")
+    return twin
+
+
+def _fold_read(read: NormRead) -> None:
+    norm, rows = read.norm, slice(None) if read.rows is None else read.rows
+    into = read.into
+    if read.per_head:  # γ (dh,) / σ̂ (H,): one gain per output row of head h
+        scale = (norm.weight[None, :] / norm.sites[read.site].sigma[:, None]).reshape(-1, 1)  # (H·dh, 1)
+        into.weight.copy_(into.weight * scale)
+        if into.bias is not None:
+            into.bias.copy_(into.bias * scale[:, 0])
+        return
+    beta = None if norm.rms else norm.bias
+    bias = None if read.bias is None else read.bias[rows]
+    w, b = fold_layernorm_into_linear(norm.weight, beta, norm.sites[read.site].sigma, read.weight[rows], bias,
+                                      centre=not norm.rms)
+    into.weight[rows] = w
+    if into.bias is not None:
+        into.bias[rows] = b
+    elif beta is not None or bias is not None:
+        raise RuntimeError("a folded LayerNorm's β (or the map's own bias) needs a bias in the norm-free twin")
 
 
 # The published LN-free checkpoints' convention (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*): every norm

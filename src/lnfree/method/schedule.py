@@ -5,7 +5,9 @@ are eased out — so it is saved with checkpoints as JSON and printed as a timel
 what the forward/backward of step s runs with: a site with `freeze_at = 200` is live for steps 0–199 and
 frozen from step 200 on.
 
-Site names are a model's own (`LNModel.site_layout`); the schedule orders them by kind and layer.
+Site names are spelled in one place (`SITE_NAMES`): a family declares which norm plays which role in which block
+(`RemovableLayerNorm(roles=…, layer=…)`), and a model's layout is read off its modules (`LNModel.site_layout`); the
+schedule orders sites by kind and layer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ class SiteSpec:
     layer: int | None
 
 
+# The one place site names are spelled (TransformerLens names), for each norm a family can declare: the
+# pre-attention norm as read by Q/K and by V, the pre-MLP norm, the per-head query / key norms, the final norm.
+SITE_NAMES = {"ln1qk": "blocks.{layer}.ln1.qk", "ln1v": "blocks.{layer}.ln1.v", "ln2": "blocks.{layer}.ln2",
+              "q_norm": "blocks.{layer}.attn.q_norm", "k_norm": "blocks.{layer}.attn.k_norm", "ln_final": "ln_final"}
+
+
+def site_spec(role: str, layer: int | None = None) -> SiteSpec:
+    """The site of norm `role` (a key of SITE_NAMES) in block `layer` (None: the final norm): its name and the kind
+    that orders it in a schedule (the per-head q and k norms share the kind "qk_norm")."""
+    if role not in SITE_NAMES:
+        raise ValueError(f"unknown norm role {role!r}; known: {', '.join(SITE_NAMES)}")
+    kind = "qk_norm" if role in ("q_norm", "k_norm") else role
+    return SiteSpec(SITE_NAMES[role].format(layer=layer), kind, layer)
+
+
 def layout_depth(layout: list[SiteSpec]) -> int:
     """Blocks spanned by a layout (what per-size presets are picked by)."""
     return 1 + max((s.layer for s in layout if s.layer is not None), default=-1)
@@ -37,9 +54,7 @@ def layout_depth(layout: list[SiteSpec]) -> int:
 def standard_layout(n_layers: int) -> list[SiteSpec]:
     """The sites of a pre-norm transformer with one norm before attention (read apart by Q/K and by V), one
     before the MLP and a final one — GPT-2, GPT-NeoX, Llama alike — in forward order, TransformerLens names."""
-    per_block = [[SiteSpec(f"blocks.{i}.ln1.qk", "ln1qk", i), SiteSpec(f"blocks.{i}.ln1.v", "ln1v", i),
-                  SiteSpec(f"blocks.{i}.ln2", "ln2", i)] for i in range(n_layers)]
-    return [s for block in per_block for s in block] + [SiteSpec("ln_final", "ln_final", None)]
+    return [site_spec(role, i) for i in range(n_layers) for role in ("ln1qk", "ln1v", "ln2")] + [site_spec("ln_final")]
 
 
 @dataclass(frozen=True)

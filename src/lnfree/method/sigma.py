@@ -85,9 +85,9 @@ class SigmaRule:
         scale = self.reference_calls / micro_batches_per_step if self.reference_calls else 1.0
         return self.momentum ** (scale * reads)
 
-    def reads(self, paths: tuple[str, ...]) -> int:
-        """Reference calls per forward of a LayerNorm with these paths ("call" rule)."""
-        return sum(self.v_reads if path == "v" else 1 for path in paths)
+    def reads(self, roles: tuple[str, ...]) -> int:
+        """Reference calls per forward of a LayerNorm read in these roles ("call" rule; the V path `v_reads` times)."""
+        return sum(self.v_reads if role == "ln1v" else 1 for role in roles)
 
     def to_dict(self) -> dict:
         return asdict(self)

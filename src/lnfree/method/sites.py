@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_sum_, spans_ranks
 from .aux import log_uniformity
+from .schedule import SiteSpec, site_spec
 from .sigma import SigmaRule
 
 # Index of each statistic in a site's accumulators: main (the common σ̂), position 0, EOT positions.
@@ -43,9 +44,10 @@ class NormSite(nn.Module):
     """The switchable divisor of one LN use. Holds σ̂ buffers; owns no trainable parameters. A per-head norm
     (Qwen3's q/k norms, `heads` = H) keeps one σ̂ per head: every σ̂ buffer then has shape (H,)."""
 
-    def __init__(self, name: str, heads: int | None = None):
+    def __init__(self, spec: SiteSpec, heads: int | None = None):
         super().__init__()
-        self.name = name
+        self.spec = spec  # name, schedule kind, block
+        self.name = spec.name
         shape = () if heads is None else (heads,)
         self.register_buffer("frozen", torch.tensor(False))
         self.register_buffer("sigma", torch.ones(shape))
@@ -205,20 +207,21 @@ class RemovableLayerNorm(nn.Module):
     `NormSite` per path; returns one output per path. For an RMSNorm "std" below means the per-token RMS and a
     frozen site computes x / σ̂ · γ.
 
-    Site names follow TransformerLens conventions: `blocks.{i}.ln1.qk`, `blocks.{i}.ln1.v`, `blocks.{i}.ln2`,
-    `ln_final`. `paths=("qk", "v")` gives two sites `{prefix}.qk`, `{prefix}.v`; `paths=("",)` one site `{prefix}`.
+    `roles` says what reads the norm, one site each, named by `schedule.site_spec` (TransformerLens names):
+    ("ln1qk", "ln1v") for a pre-attention norm read apart by Q/K and by V (`blocks.{layer}.ln1.qk`, `.ln1.v`),
+    ("ln2",), ("q_norm",) / ("k_norm",) in block `layer`, or ("ln_final",).
     """
 
-    def __init__(self, d_model: int, eps: float, prefix: str, paths: tuple[str, ...] = ("",), rms: bool = False,
+    def __init__(self, d_model: int, eps: float, roles: tuple[str, ...], layer: int | None = None, rms: bool = False,
                  heads: int | None = None):
         super().__init__()
         self.rms = rms
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = None if rms else nn.Parameter(torch.zeros(d_model))
         self.eps = eps
-        self.paths = paths
+        self.roles = roles
         self.heads = heads  # a per-head norm: input (B, T, H, d_model), one σ̂ per head
-        self.sites = nn.ModuleList(NormSite(f"{prefix}.{p}" if p else prefix, heads) for p in paths)
+        self.sites = nn.ModuleList(NormSite(site_spec(role, layer), heads) for role in roles)
         self.collecting = False  # switched by `collect_norm_stats`; never checkpointed
         self.rule = SigmaRule()  # set with the run by `LNModel.set_sigma_rule`
         self.call_momentum: float | None = None  # "call" rule: σ̂ moves inside forward with this retention

@@ -3,8 +3,8 @@
 A family module (gpt2.py, later neox.py, llama.py …) provides
   * a model class deriving from `LNModel` whose LayerNorms are `RemovableLayerNorm`s, whose `forward` takes
     token ids (B, T) and returns logits (B, T, V) — plus, when asked, the per-token std of the final norm's
-    input (Baroni's auxiliary loss) and a TransformerLens-named activation cache —, and whose `fold()` returns
-    the norm-free twin of a fully frozen model;
+    input (Baroni's auxiliary loss) and a TransformerLens-named activation cache —, and whose `norm_reads()`
+    says which linear maps read each norm (one generic `fold()` in method/fold.py builds the norm-free twin);
   * a `Family` record that converts to and from the `transformers` checkpoint format.
 The method (schedule, calibration, training) talks to models only through this file.
 """
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..method.fold import PUBLISHED_NOLN_MIN_EPS
+from ..method.fold import PUBLISHED_NOLN_MIN_EPS, NormRead, fold_model
 from ..method.schedule import SiteSpec
 from ..method.sigma import SigmaRule
 from ..method.sites import NormSite, RemovableLayerNorm, reduce_across_ranks
@@ -99,7 +99,7 @@ class LNModel(nn.Module):
         for layer in self.norm_layers():
             layer.rule = rule
             per_call = rule.ema == "call" and rule.collects and micro_batches_per_step
-            layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.paths))
+            layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.roles))
                                    if per_call else None)
 
     def set_static_graph(self, static: bool = True) -> None:
@@ -155,9 +155,9 @@ class LNModel(nn.Module):
         return self.config.vocab_size
 
     def site_layout(self) -> list[SiteSpec]:
-        """Every norm site with the kind that orders it in a schedule, in forward order; the names are those of
-        `norm_sites()`."""
-        raise NotImplementedError
+        """Every norm site with the kind that orders it in a schedule, in forward order (the order the family
+        registers its norms in); the names are those of `norm_sites()`."""
+        return [site.spec for site in self.norm_sites().values()]
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         raise NotImplementedError
@@ -184,9 +184,14 @@ class LNModel(nn.Module):
         """The harder offline analog's planted position-0 outlier (`lnfree demo --hard`), where a family has one."""
         raise ValueError(f"the harder analog (--hard) is available for GPT-2 only, not {self.family}")
 
+    def norm_reads(self, twin: LNModel) -> list[NormRead]:
+        """Which linear map reads which path of which norm, and which module of the norm-free `twin` (this class
+        built with `normalization=False`) receives it folded — all a family declares for `fold()`."""
+        raise NotImplementedError
+
     def fold(self) -> LNModel:
         """A norm-free model computing the same function; requires every site frozen with no specials."""
-        raise NotImplementedError
+        return fold_model(self)
 
     @torch.no_grad()
     def adopt_published_convention(self, eps: float) -> bool:

@@ -13,14 +13,13 @@ blocks.{i}.hook_resid_post, ln_final.hook_normalized.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..method.fold import fold_layernorm_into_linear
-from ..method.schedule import SiteSpec, standard_layout
+from ..method.fold import NormRead
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
 from .common import causal_attention, load_checked, pre_norm_block, stack_components
@@ -96,9 +95,9 @@ class Block(nn.Module):
         super().__init__()
         self.i = i
         eps, d = cfg.layer_norm_epsilon, cfg.n_embd
-        self.ln_1 = RemovableLayerNorm(d, eps, f"blocks.{i}.ln1", paths=("qk", "v")) if cfg.normalization else None
+        self.ln_1 = RemovableLayerNorm(d, eps, ("ln1qk", "ln1v"), i) if cfg.normalization else None
         self.attn = Attention(cfg)
-        self.ln_2 = RemovableLayerNorm(d, eps, f"blocks.{i}.ln2") if cfg.normalization else None
+        self.ln_2 = RemovableLayerNorm(d, eps, ("ln2",), i) if cfg.normalization else None
         self.mlp = MLP(cfg)
         self.dropout_p = 0.0  # on the attention output in training, as transformers' resid_pdrop
 
@@ -118,7 +117,7 @@ class GPT2(LNModel):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         if cfg.normalization:
-            self.ln_f = RemovableLayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, "ln_final")
+            self.ln_f = RemovableLayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, ("ln_final",))
             self.lm_head = None  # tied to wte, as in GPT-2
         else:
             self.ln_f = None
@@ -132,9 +131,6 @@ class GPT2(LNModel):
     @property
     def context_length(self) -> int:
         return self.config.n_positions
-
-    def site_layout(self) -> list[SiteSpec]:
-        return standard_layout(self.config.n_layer)
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         """idx: (B, T) token ids → logits (B, T, V); with return_final_std also the ln_final input std (B, T)."""
@@ -206,32 +202,17 @@ class GPT2(LNModel):
         mlp.c_fc.bias[:n_neurons] = -5.0
         mlp.c_proj.weight[:, :n_neurons] = (scale / n_neurons) * v[:, None]
 
-    @torch.no_grad()
-    def fold(self) -> GPT2:
-        self.check_foldable()
-        cfg = replace(self.config, normalization=False)
-        out = GPT2(cfg).to(dtype=self.wte.weight.dtype, device=self.wte.weight.device)
-        out.wte.weight.copy_(self.wte.weight)
-        out.wpe.weight.copy_(self.wpe.weight)
-        D = cfg.n_embd
-        for src, dst in zip(self.h, out.h, strict=True):
-            dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("attn.", "mlp."))})
-            qk_site, v_site = src.ln_1.sites
-            g, b = src.ln_1.weight, src.ln_1.bias
-            w, bias = src.attn.c_attn.weight, src.attn.c_attn.bias
-            wqk, bqk = fold_layernorm_into_linear(g, b, qk_site.sigma, w[: 2 * D], bias[: 2 * D])
-            wv, bv = fold_layernorm_into_linear(g, b, v_site.sigma, w[2 * D :], bias[2 * D :])
-            dst.attn.c_attn.weight.copy_(torch.cat([wqk, wv]))
-            dst.attn.c_attn.bias.copy_(torch.cat([bqk, bv]))
-            wfc, bfc = fold_layernorm_into_linear(src.ln_2.weight, src.ln_2.bias, src.ln_2.sites[0].sigma,
-                                                  src.mlp.c_fc.weight, src.mlp.c_fc.bias)
-            dst.mlp.c_fc.weight.copy_(wfc)
-            dst.mlp.c_fc.bias.copy_(bfc)
-        wu, bu = fold_layernorm_into_linear(self.ln_f.weight, self.ln_f.bias, self.ln_f.sites[0].sigma,
-                                            self.wte.weight, None)
-        out.lm_head.weight.copy_(wu)
-        out.lm_head.bias.copy_(bu)
-        return out
+    def norm_reads(self, twin: GPT2) -> list[NormRead]:
+        """ln_1's Q/K path reads the first 2·D rows of c_attn, its V path the last D; ln_2 reads c_fc; ln_f the
+        tied unembedding, folded into the twin's own head (with a bias, where ln_f's β lands)."""
+        D = self.config.n_embd
+        reads = []
+        for src, dst in zip(self.h, twin.h, strict=True):
+            qkv, into = src.attn.c_attn, dst.attn.c_attn
+            reads += [NormRead.of(src.ln_1, qkv, into, 0, slice(0, 2 * D)),
+                      NormRead.of(src.ln_1, qkv, into, 1, slice(2 * D, 3 * D)),
+                      NormRead.of(src.ln_2, src.mlp.c_fc, dst.mlp.c_fc)]
+        return reads + [NormRead(self.ln_f, self.wte.weight, None, twin.lm_head)]
 
 
 # ---- transformers checkpoint mapping --------------------------------------------------------------------------

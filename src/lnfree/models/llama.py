@@ -13,14 +13,13 @@ identity norms and an untied head (`architectures: ["LNFree<Arch>"]`, model_type
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..method.fold import fold_layernorm_into_linear
-from ..method.schedule import SiteSpec, standard_layout
+from ..method.fold import NormRead
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
 from .common import (
@@ -82,9 +81,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, K * dh, bias=qkv_bias)
         self.o_proj = nn.Linear(H * dh, D, bias=cfg.attention_bias)
         per_head = cfg.qk_norm and cfg.normalization
-        eps, prefix = cfg.rms_norm_eps, f"blocks.{i}.attn"
-        self.q_norm = RemovableLayerNorm(dh, eps, f"{prefix}.q_norm", rms=True, heads=H) if per_head else None
-        self.k_norm = RemovableLayerNorm(dh, eps, f"{prefix}.k_norm", rms=True, heads=K) if per_head else None
+        eps = cfg.rms_norm_eps
+        self.q_norm = RemovableLayerNorm(dh, eps, ("q_norm",), i, rms=True, heads=H) if per_head else None
+        self.k_norm = RemovableLayerNorm(dh, eps, ("k_norm",), i, rms=True, heads=K) if per_head else None
         self.dropout_p = 0.0  # on the attention weights in training, as transformers' attention_dropout
 
     def forward(self, x_qk: Tensor, x_v: Tensor, cos: Tensor, sin: Tensor, eot_mask: Tensor | None = None,
@@ -122,10 +121,10 @@ class DecoderLayer(nn.Module):
         self.i = i
         eps, D = cfg.rms_norm_eps, cfg.hidden_size
         norm = cfg.normalization
-        self.input_layernorm = (RemovableLayerNorm(D, eps, f"blocks.{i}.ln1", paths=("qk", "v"), rms=True)
+        self.input_layernorm = (RemovableLayerNorm(D, eps, ("ln1qk", "ln1v"), i, rms=True)
                                 if norm else None)
         self.self_attn = Attention(cfg, i)
-        self.post_attention_layernorm = RemovableLayerNorm(D, eps, f"blocks.{i}.ln2", rms=True) if norm else None
+        self.post_attention_layernorm = RemovableLayerNorm(D, eps, ("ln2",), i, rms=True) if norm else None
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], eot_mask: Tensor | None,
@@ -145,7 +144,7 @@ class Llama(LNModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters, lambda: _hf_config_object(cfg))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RemovableLayerNorm(cfg.hidden_size, cfg.rms_norm_eps, "ln_final", rms=True) \
+        self.norm = RemovableLayerNorm(cfg.hidden_size, cfg.rms_norm_eps, ("ln_final",), rms=True) \
             if cfg.normalization else None
         tied = cfg.tie_word_embeddings and cfg.normalization
         self.lm_head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -157,17 +156,6 @@ class Llama(LNModel):
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
-
-    def site_layout(self) -> list[SiteSpec]:
-        standard = standard_layout(self.config.num_hidden_layers)
-        if not self.config.qk_norm:
-            return standard
-        out = []
-        for site in standard:  # forward order: ln1 (Q/K, V), then q_norm, k_norm, then ln2
-            if site.kind == "ln2":
-                out += [SiteSpec(f"blocks.{site.layer}.attn.{n}", "qk_norm", site.layer) for n in ("q_norm", "k_norm")]
-            out.append(site)
-        return out
 
     def _head(self) -> Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -209,37 +197,21 @@ class Llama(LNModel):
                 ("d_head", c.head_dim), ("d_mlp", c.intermediate_size), ("vocab", c.vocab_size),
                 ("context", c.max_position_embeddings), ("tied embeddings", c.tie_word_embeddings)]
 
-    @torch.no_grad()
-    def fold(self) -> Llama:
-        """Frozen RMSNorms into the maps that read them: W ← W diag(γ/σ̂); no centring, no new biases."""
-        self.check_foldable()
-        out = Llama(replace(self.config, normalization=False)).to(self._head().dtype).to(self._head().device)
-        out.embed_tokens.weight.copy_(self.embed_tokens.weight)
-        for src, dst in zip(self.layers, out.layers, strict=True):
-            dst.load_state_dict({k: v for k, v in src.state_dict().items() if k.startswith(("self_attn.", "mlp."))
-                                 and not k.startswith(("self_attn.q_norm.", "self_attn.k_norm."))})
-            ln = src.input_layernorm
-            for site, projs in ((ln.sites[0], ("q_proj", "k_proj")), (ln.sites[1], ("v_proj",))):
-                for name in projs:
-                    a, b = getattr(src.self_attn, name), getattr(dst.self_attn, name)
-                    w, _ = fold_layernorm_into_linear(ln.weight, None, site.sigma, a.weight, None, centre=False)
-                    b.weight.copy_(w)
-            if src.self_attn.q_norm is not None:  # per-head gains γ/σ̂_h scale each head's rows of q_proj / k_proj
-                for norm, name in ((src.self_attn.q_norm, "q_proj"), (src.self_attn.k_norm, "k_proj")):
-                    proj = getattr(dst.self_attn, name)
-                    scale = (norm.weight[None, :] / norm.sites[0].sigma[:, None]).reshape(-1, 1)  # (H·dh, 1)
-                    proj.weight.copy_(proj.weight * scale)
-                    if proj.bias is not None:
-                        proj.bias.copy_(proj.bias * scale[:, 0])
-            ln2 = src.post_attention_layernorm
-            for name in ("gate_proj", "up_proj"):
-                a, b = getattr(src.mlp, name), getattr(dst.mlp, name)
-                b.weight.copy_(fold_layernorm_into_linear(ln2.weight, None, ln2.sites[0].sigma, a.weight, None,
-                                                          centre=False)[0])
-        w, _ = fold_layernorm_into_linear(self.norm.weight, None, self.norm.sites[0].sigma, self._head(), None,
-                                          centre=False)
-        out.lm_head.weight.copy_(w)
-        return out
+    def norm_reads(self, twin: Llama) -> list[NormRead]:
+        """input_layernorm's Q/K path reads q_proj and k_proj, its V path v_proj; post_attention_layernorm reads
+        gate_proj and up_proj; the final norm the head (the embedding, when tied). Qwen3's per-head q/k norms scale
+        each head's rows of q_proj / k_proj."""
+        reads = []
+        for src, dst in zip(self.layers, twin.layers, strict=True):
+            ln, a, b = src.input_layernorm, src.self_attn, dst.self_attn
+            reads += [NormRead.of(ln, a.q_proj, b.q_proj), NormRead.of(ln, a.k_proj, b.k_proj),
+                      NormRead.of(ln, a.v_proj, b.v_proj, 1)]
+            reads += [NormRead.of(src.post_attention_layernorm, getattr(src.mlp, n), getattr(dst.mlp, n))
+                      for n in ("gate_proj", "up_proj")]
+            if a.q_norm is not None:
+                reads += [NormRead(a.q_norm, b.q_proj.weight, None, b.q_proj, per_head=True),
+                          NormRead(a.k_norm, b.k_proj.weight, None, b.k_proj, per_head=True)]
+        return reads + [NormRead(self.norm, self._head(), None, twin.lm_head)]
 
 
 def _hf_config_object(cfg: LlamaConfig):

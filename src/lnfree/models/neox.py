@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..method.fold import fold_layernorm_into_linear
-from ..method.schedule import SiteSpec, standard_layout
+from ..method.fold import NormRead
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
 from .common import (
@@ -117,8 +116,8 @@ class Layer(nn.Module):
         super().__init__()
         self.i, self.parallel = i, cfg.use_parallel_residual
         eps, D, norm = cfg.layer_norm_eps, cfg.hidden_size, cfg.normalization
-        self.input_layernorm = RemovableLayerNorm(D, eps, f"blocks.{i}.ln1", paths=("qk", "v")) if norm else None
-        self.post_attention_layernorm = RemovableLayerNorm(D, eps, f"blocks.{i}.ln2") if norm else None
+        self.input_layernorm = RemovableLayerNorm(D, eps, ("ln1qk", "ln1v"), i) if norm else None
+        self.post_attention_layernorm = RemovableLayerNorm(D, eps, ("ln2",), i) if norm else None
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
         self.dropout_p = 0.0  # on both residual writes in training, as transformers' hidden_dropout
@@ -151,7 +150,7 @@ class NeoX(LNModel):
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_parameters, lambda: _hf_config_object(cfg))
         self.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.final_layer_norm = (RemovableLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, "ln_final")
+        self.final_layer_norm = (RemovableLayerNorm(cfg.hidden_size, cfg.layer_norm_eps, ("ln_final",))
                                  if cfg.normalization else None)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=not cfg.normalization)
         self.dropout_p = 0.0  # unused: GPT-NeoX drops no embeddings
@@ -163,9 +162,6 @@ class NeoX(LNModel):
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
-
-    def site_layout(self) -> list[SiteSpec]:
-        return standard_layout(self.config.num_hidden_layers)
 
     def forward(self, idx: Tensor, *, cache: dict | None = None, return_final_std: bool = False):
         """idx: (B, T) token ids → logits (B, T, V); with return_final_std also the final norm's input std (B, T)."""
@@ -205,33 +201,18 @@ class NeoX(LNModel):
                 ("parallel residual", c.use_parallel_residual), ("vocab", c.vocab_size),
                 ("context", c.max_position_embeddings)]
 
-    @torch.no_grad()
-    def fold(self) -> NeoX:
-        """Frozen LayerNorms into the maps that read them: W ← W diag(γ/σ̂) C, b ← b + W β."""
-        self.check_foldable()
-        out = NeoX(replace(self.config, normalization=False)).to(self.lm_head.weight.dtype)
-        out.to(self.lm_head.weight.device)
-        out.embed_in.weight.copy_(self.embed_in.weight)
-        H, dh, D = self.config.num_attention_heads, self.config.head_dim, self.config.hidden_size
-        for src, dst in zip(self.layers, out.layers, strict=True):
-            dst.mlp.load_state_dict(src.mlp.state_dict())
-            dst.attention.dense.load_state_dict(src.attention.dense.state_dict())
-            ln = src.input_layernorm
-            w_qk, b_qk, w_v, b_v = src.attention.packed()
-            wqk, bqk = fold_layernorm_into_linear(ln.weight, ln.bias, ln.sites[0].sigma, w_qk, b_qk)
-            wv, bv = fold_layernorm_into_linear(ln.weight, ln.bias, ln.sites[1].sigma, w_v, b_v)
-            w = torch.cat([wqk.view(H, 2, dh, D), wv.view(H, 1, dh, D)], dim=1)  # back to per-head q|k|v rows
-            dst.attention.query_key_value.weight.copy_(w.reshape(3 * D, D))
-            dst.attention.query_key_value.bias.copy_(torch.cat([bqk.view(H, 2, dh), bv.view(H, 1, dh)], 1).reshape(-1))
-            ln2, fc = src.post_attention_layernorm, src.mlp.dense_h_to_4h
-            w, b = fold_layernorm_into_linear(ln2.weight, ln2.bias, ln2.sites[0].sigma, fc.weight, fc.bias)
-            dst.mlp.dense_h_to_4h.weight.copy_(w)
-            dst.mlp.dense_h_to_4h.bias.copy_(b)
-        ln_f = self.final_layer_norm
-        w, b = fold_layernorm_into_linear(ln_f.weight, ln_f.bias, ln_f.sites[0].sigma, self.lm_head.weight, None)
-        out.lm_head.weight.copy_(w)
-        out.lm_head.bias.copy_(b)
-        return out
+    def norm_reads(self, twin: NeoX) -> list[NormRead]:
+        """query_key_value packs q|k|v per head: the Q/K path reads each head's first 2·dh rows, the V path its
+        last dh; post_attention_layernorm reads dense_h_to_4h; the final norm the head."""
+        H, dh = self.config.num_attention_heads, self.config.head_dim
+        rows = torch.arange(3 * H * dh).view(H, 3, dh)
+        qk, v = rows[:, :2].flatten(), rows[:, 2:].flatten()
+        reads = []
+        for src, dst in zip(self.layers, twin.layers, strict=True):
+            ln, qkv, into = src.input_layernorm, src.attention.query_key_value, dst.attention.query_key_value
+            reads += [NormRead.of(ln, qkv, into, 0, qk), NormRead.of(ln, qkv, into, 1, v),
+                      NormRead.of(src.post_attention_layernorm, src.mlp.dense_h_to_4h, dst.mlp.dense_h_to_4h)]
+        return reads + [NormRead.of(self.final_layer_norm, self.lm_head, twin.lm_head)]
 
 
 # ---- transformers checkpoint mapping --------------------------------------------------------------------------

@@ -3,8 +3,10 @@ schedule, optimizer, lr schedule, batch, dropout, auxiliary loss, σ̂ rule, spe
 file, function and commit it transcribes and every place where we knowingly deviate. `lnfree` is our own
 recipe; see its docstring for the evidence it was chosen on.
 
-Each preset is a function of model depth: the removal shape (order, gaps) is per layer, so a preset lays out
-over any number of blocks. `baroni2025` picks the paper's per-size variant by depth (12/24/36/48 layers).
+Each preset is a function of model depth, and the per-size ones (`baroni2025` and the presets built on it) of a
+GPT-2 size: the removal shape (order, gaps) is per layer, so a preset lays out over any number of blocks, while the
+size picks the paper's optimizer settings and step counts. A GPT-2 gets its size by depth (12/24/36/48 layers, as
+the paper); a model of another family gets the GPT-2 size nearest its parameter count (`gpt2_size_for`).
 Deviations shared by every paper preset (bug fixes of both codes, kept for all our runs):
   * EOT tokens count as targets: the 2025 code's collator masked every EOT target out of the loss (its pad
     token was the EOT token); the papers' evaluation scores EOT targets, so training does too.
@@ -19,6 +21,7 @@ per-head q/k norms freeze right after the Q/K path of ln_1, at its gap.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -154,10 +157,24 @@ def baroni_recipe(name: str, n_layer: int) -> Recipe:
 BARONI_BY_DEPTH = {12: "baroni2025-small", 24: "baroni2025-medium", 36: "baroni2025-large", 48: "baroni2025-xl"}
 
 
-def baroni2025(n_layer: int) -> Recipe:
-    """The paper's per-size variant (with the auxiliary loss) for GPT-2's depths; other depths take the small
-    shape at its tail length."""
-    return baroni_recipe(BARONI_BY_DEPTH.get(n_layer, "baroni2025-small"), n_layer)
+# Total parameters of each GPT-2 size (with embeddings), for models of other families.
+GPT2_PARAMS = {"baroni2025-small": 124e6, "baroni2025-medium": 355e6, "baroni2025-large": 774e6,
+               "baroni2025-xl": 1558e6}
+
+
+def gpt2_size_for(family: str, n_layer: int, params: int | None = None) -> str:
+    """The baroni2025 variant whose settings a model gets: a GPT-2 by its depth (the paper's sizes; other depths:
+    small); a model of another family by the GPT-2 size nearest its parameter count (on a log scale), or by depth
+    when the count is unknown (`lnfree schedule --layers`)."""
+    if family == PAPER_FAMILY or params is None:
+        return BARONI_BY_DEPTH.get(n_layer, "baroni2025-small")
+    return min(GPT2_PARAMS, key=lambda size: abs(math.log(params / GPT2_PARAMS[size])))
+
+
+def baroni2025(n_layer: int, size: str | None = None) -> Recipe:
+    """The paper's per-size variant (with the auxiliary loss): `size` (a `gpt2_size_for` answer), else by depth;
+    at another depth the size's per-layer shape is laid over the model's blocks and run for its tail length."""
+    return baroni_recipe(size or BARONI_BY_DEPTH.get(n_layer, "baroni2025-small"), n_layer)
 
 
 def all_at_once(n_layer: int) -> Recipe:
@@ -168,7 +185,7 @@ def all_at_once(n_layer: int) -> Recipe:
     return replace(base, name="all-at-once", removal=spec, total_steps=None, source="baseline: no gradual schedule")
 
 
-def lnfree(n_layer: int) -> Recipe:
+def lnfree(n_layer: int, size: str | None = None) -> Recipe:
     """Ours: baroni2025's per-size recipe with two changes chosen on the offline analogs (benchmarks/analog.py,
     three seeds on the plain and the hard analog; figures in benchmarks/RESULTS.md). LN-free − vanilla CE gap,
     25 steps: plain analog +0.0462 ± 0.0018 vs baroni2025's +0.0553 ± 0.0020; hard analog (position-0 outlier)
@@ -187,7 +204,7 @@ def lnfree(n_layer: int) -> Recipe:
     per fine-tuning token. Not the default: the analogs rank methods against each other but cannot say what GPT-2
     needs (they lack its position-0 outlier); a GPU run on GPT-2 decides.
     """
-    base = baroni2025(n_layer)
+    base = baroni2025(n_layer, size)
     natural = build_schedule(base.removal, standard_layout(n_layer), base.total_steps)
     last_freeze = max(natural.freeze_at.values())
     span = (natural.total_steps - last_freeze) // 4
@@ -200,7 +217,7 @@ def lnfree(n_layer: int) -> Recipe:
                    source="ours: baroni2025 + specials eased out per site + an lr horizon twice the run")
 
 
-def lnfree_uniform(n_layer: int) -> Recipe:
+def lnfree_uniform(n_layer: int, size: str | None = None) -> Recipe:
     """Ours, for real pretrained models (issue 20: SmolLM2-135M). `lnfree`'s schedule with six changes:
 
       * an auxiliary loss that makes the per-token std uniform at the input of every norm, scale-free
@@ -240,7 +257,7 @@ def lnfree_uniform(n_layer: int) -> Recipe:
 
     Measured on SmolLM2-135M: benchmarks/RESULTS.md.
     """
-    base = lnfree(n_layer)
+    base = lnfree(n_layer, size)
     natural = recipe_schedule(base, n_layer)
     warm = natural.total_steps // 5
     rest = natural.total_steps - max(natural.freeze_at.values())  # steps after the last freeze
@@ -261,7 +278,8 @@ def lnfree_uniform(n_layer: int) -> Recipe:
                    source="ours: lnfree + uniform per-token std at every norm (log loss) + fine-tuning lr")
 
 
-PRESETS: dict[str, Callable[[int], Recipe]] = {
+# name → n_layer → Recipe; the per-size presets (SIZED_PRESETS) also take the GPT-2 size, (n_layer, size) → Recipe
+PRESETS: dict[str, Callable[..., Recipe]] = {
     "heimersheim2024": heimersheim2024,
     "baroni2025": baroni2025,
     **{name: (lambda n_layer, name=name: baroni_recipe(name, n_layer)) for name in BARONI_CONFIGS},
@@ -271,6 +289,7 @@ PRESETS: dict[str, Callable[[int], Recipe]] = {
 }
 
 
+SIZED_PRESETS = ("baroni2025", "lnfree", "lnfree-uniform")  # settings per GPT-2 size (`gpt2_size_for`)
 DEFAULT_PRESETS = {PAPER_FAMILY: "baroni2025"}  # per family; the rest take DEFAULT_OTHER
 DEFAULT_OTHER = "lnfree-uniform"
 
@@ -281,18 +300,22 @@ def default_preset(family: str) -> str:
     return DEFAULT_PRESETS.get(family, DEFAULT_OTHER)
 
 
-def for_family(recipe: Recipe, asked: str, family: str, n_layer: int) -> tuple[Recipe, tuple[str, ...]]:
-    """What a preset becomes on a model it was not written for, and one note per change, for the plan a run prints:
-    baroni2025 picks GPT-2 sizes by depth; beyond GPT-2 Baroni's absolute auxiliary loss becomes its scale-free
-    form (weighted for GPT-2's residual scale, it was 298 beside CE 2 on SmolLM2-135M)."""
+def for_family(asked: str, family: str, n_layer: int, params: int | None = None) -> tuple[Recipe, tuple[str, ...]]:
+    """Preset `asked` for this model, and one note per choice a reader could not guess, for the plan a run prints:
+    the GPT-2 size a per-size preset takes (`gpt2_size_for`); beyond GPT-2 Baroni's absolute auxiliary loss
+    becomes its scale-free form (weighted for GPT-2's residual scale, it was 298 beside CE 2 on SmolLM2-135M)."""
+    size = gpt2_size_for(family, n_layer, params)
+    recipe = get_recipe(asked, n_layer, size)
     notes = []
-    if asked == "baroni2025":
-        size = BARONI_BY_DEPTH.get(n_layer)
-        if size is None:
-            notes.append(f"baroni2025: no GPT-2 size has {n_layer} layers, so this is baroni2025-small's per-layer "
-                         "start, gaps and settings (lr 6e-4), run for its tail after the last removal")
-        elif family != PAPER_FAMILY:
-            notes.append(f"baroni2025: a {n_layer}-layer {family} model gets {size}'s settings, by depth alone")
+    if asked in SIZED_PRESETS:
+        if family != PAPER_FAMILY and params is not None:
+            notes.append(f"{asked}: a {n_layer}-layer {family} model of {params / 1e6:.0f}M parameters gets "
+                         f"{size}'s settings (the GPT-2 size nearest its parameter count), its per-layer schedule "
+                         f"laid over {n_layer} blocks")
+        elif n_layer not in BARONI_BY_DEPTH:
+            notes.append(f"{asked}: no GPT-2 size has {n_layer} layers, so this is {size}'s per-layer start, gaps and "
+                         f"settings (lr {get_recipe('baroni2025', n_layer, size).train.lr:g}), run for its tail "
+                         "after the last removal")
     if family != PAPER_FAMILY and recipe.train.aux_weight > 0 and recipe.train.aux_kind == "baroni":
         recipe = replace(recipe, train=replace(recipe.train, aux_kind="relative"))
         notes.append("auxiliary loss scale-free (aux_kind relative: (σ_t − σ̄)² / σ̄²) on this non-GPT-2 model; the "
@@ -300,10 +323,12 @@ def for_family(recipe: Recipe, asked: str, family: str, n_layer: int) -> tuple[R
     return recipe, tuple(notes)
 
 
-def get_recipe(name: str, n_layer: int) -> Recipe:
+def get_recipe(name: str, n_layer: int, size: str | None = None) -> Recipe:
+    """Preset `name` laid over `n_layer` blocks; `size` (a baroni2025 variant) for the per-size presets, else by
+    depth."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name](n_layer)
+    return PRESETS[name](n_layer, size) if name in SIZED_PRESETS else PRESETS[name](n_layer)
 
 
 def recipe_schedule(recipe: Recipe, layout: list[SiteSpec] | int, steps: int | None = None) -> Schedule:

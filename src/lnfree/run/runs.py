@@ -25,7 +25,7 @@ from ..sources import load_source
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from . import rundir
 from .config import RESUME_SAFE, SIGMA_OVERRIDES, TrainConfig, check_settings
-from .recipes import PAPER_FAMILY, default_preset, describe_training, for_family, get_recipe, recipe_schedule
+from .recipes import PAPER_FAMILY, default_preset, describe_training, for_family, recipe_schedule
 from .record import RunRecord, RunSource
 from .train import RunResult, train
 
@@ -44,13 +44,14 @@ class RemovalPlan:
     notes: tuple[str, ...] = ()  # what the preset became on this model (recipes.for_family)
 
 
-def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict, family: str = PAPER_FAMILY
-                 ) -> RemovalPlan:
-    """The preset over a model's sites (or the standard layout of that many blocks) with command-line overrides.
+def removal_plan(layout: list[SiteSpec] | int, preset: str, overrides: dict, family: str = PAPER_FAMILY,
+                 params: int | None = None) -> RemovalPlan:
+    """The preset over a model's sites (or the standard layout of that many blocks) with command-line overrides;
+    a per-size preset takes its GPT-2 size from the family and `params` (the model's parameter count).
     A run of another length than the preset's (`steps`, or another depth) stretches the schedule, the warmup
     and the lr decay horizon alike, unless the warmup or horizon is given explicitly."""
     layout = standard_layout(layout) if isinstance(layout, int) else layout
-    recipe, notes = for_family(get_recipe(preset, layout_depth(layout)), preset, family, layout_depth(layout))
+    recipe, notes = for_family(preset, family, layout_depth(layout), params)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_settings(overrides)
     schedule = recipe_schedule(recipe, layout, overrides.get("steps"))
@@ -193,7 +194,8 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
                          "nothing can be fine-tuned from NaN or inf; restore the model files")
     tokenizer = load_tokenizer(model_dir)
     _check_vocab(model, tokenizer, str(model_source))
-    plan = removal_plan(model.site_layout(), preset or default_preset(model.family), overrides, model.family)
+    plan = removal_plan(model.site_layout(), preset or default_preset(model.family), overrides, model.family,
+                        sum(p.numel() for p in model.parameters()))
     cfg, sigma, schedule = plan.train, plan.sigma, plan.schedule
     mode = "control" if control else "lnfree"
     if resume:  # continue exactly what was started, and refuse a command line that would change it
