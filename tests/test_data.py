@@ -220,10 +220,10 @@ def test_interrupted_build_never_looks_complete(tok, mixed, tmp_path, monkeypatc
 
     monkeypatch.undo()
 
-    def crash_midway(self, paths):
+    def crash_midway(*args, **kwargs):
         raise RuntimeError("tokenizer died")
 
-    monkeypatch.setattr(data.pool.DocumentTokenizer, "files_task", crash_midway)
+    monkeypatch.setattr(data.writer, "_encode", crash_midway)
     with pytest.raises(RuntimeError):
         build_token_cache(str(root), tok, "all", cache_root=tmp_path / "c", num_proc=1, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["tokens.bin"]  # no temp files left behind

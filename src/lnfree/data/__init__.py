@@ -58,19 +58,7 @@ from .sources import (
 )
 
 __all__: list[str] = [
-    "DataSourceError",
-    "FileDocuments",
-    "HubSpec",
-    "SequenceSampler",
-    "TokenCache",
-    "TokenCacheMismatchError",
-    "build_token_cache",
-    "default_cache_root",
-    "hub_spec",
-    "iter_documents",
-    "hub_aliases",
-    "list_source_files",
-    "read_file_documents",
-    "split_of",
-    "stdlib_root",
+    "DataSourceError", "FileDocuments", "HubSpec", "SequenceSampler", "TokenCache", "TokenCacheMismatchError",
+    "build_token_cache", "default_cache_root", "hub_spec", "iter_documents", "hub_aliases", "list_source_files",
+    "read_file_documents", "split_of", "stdlib_root",
 ]

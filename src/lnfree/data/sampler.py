@@ -29,14 +29,10 @@ class SequenceSampler:
             raise ValueError(f"ctx must be at least 2 (a sequence needs one prediction), got {ctx}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        self.cache = cache
-        self.ctx = ctx
-        self.seed = seed
-        self.shuffle = shuffle
+        self.cache, self.ctx, self.seed, self.shuffle, self.window = cache, ctx, seed, shuffle, window
         # `window`: read only the first N sequences of the cache — a run's own prefix of a sampled cache that
         # other runs may have grown since (see lnfree.data.sample)
         self.n_sequences = cache.n_sequences(ctx) if window is None else min(window, cache.n_sequences(ctx))
-        self.window = window
         if window is not None and window < 1:
             raise ValueError(f"window must be at least one sequence, got {window}")
         if self.n_sequences == 0:
@@ -50,8 +46,7 @@ class SequenceSampler:
         if not self.shuffle:
             return np.arange(self.n_sequences)
         if self._order_cache is None or self._order_cache[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order_cache = (epoch, rng.permutation(self.n_sequences))
+            self._order_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
         return self._order_cache[1]
 
     def next_batch(self, n: int) -> torch.Tensor:
@@ -64,13 +59,11 @@ class SequenceSampler:
         if n < 1:
             raise ValueError(f"batch size must be positive, got {n}")
         parts = []
-        remaining = n
-        while remaining:
-            order = self.epoch_order(self.epoch)
-            taken = order[self.position : self.position + remaining]
+        while n:
+            taken = self.epoch_order(self.epoch)[self.position : self.position + n]
             parts.append(taken)
             self.position += len(taken)
-            remaining -= len(taken)
+            n -= len(taken)
             if self.position == self.n_sequences:
                 self.epoch, self.position = self.epoch + 1, 0
         return np.concatenate(parts)
@@ -86,37 +79,23 @@ class SequenceSampler:
 
     def state_dict(self) -> dict[str, int]:
         """The cursor plus what identifies the data, all ints (JSON-serializable)."""
-        return {
-            "seed": self.seed,
-            "shuffle": int(self.shuffle),
-            "epoch": self.epoch,
-            "position": self.position,
-            "ctx": self.ctx,
-            "n_sequences": self.n_sequences,
-            "data_id": self.data_id,
-        }
+        return {"seed": self.seed, "shuffle": int(self.shuffle), "epoch": self.epoch, "position": self.position,
+                "ctx": self.ctx, "n_sequences": self.n_sequences, "data_id": self.data_id}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume from ``state_dict()``; refuses a state taken on other data or another ``ctx``."""
-        for name, mine in (
-            ("ctx", self.ctx),
-            ("n_sequences", self.n_sequences),
-            ("data_id", self.data_id),
-        ):
+        for name, mine in (("ctx", self.ctx), ("n_sequences", self.n_sequences), ("data_id", self.data_id)):
             if int(state[name]) != mine:
                 raise ValueError(
                     "--resume: the tokens this run reads differ from those it started on (the data or the "
                     f"tokenizer changed since: {name} {state[name]} then, {mine} now); resume with the same data "
-                    "and model, or start a new run"
-                )
+                    "and model, or start a new run")
         position = int(state["position"])
         if not 0 <= position < self.n_sequences:
             raise ValueError(f"sampler state position {position} out of range [0, {self.n_sequences})")
         # The saved seed/shuffle win: the point of resuming is to continue the saved run's order.
-        self.seed = int(state["seed"])
-        self.shuffle = bool(state["shuffle"])
-        self.epoch = int(state["epoch"])
-        self.position = position
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+        self.epoch, self.position = int(state["epoch"]), position
         self._order_cache = None
 
     @property
@@ -130,10 +109,9 @@ class SequenceSampler:
         """Sequences ``indices`` as a LongTensor (len(indices), ctx)."""
         import torch
 
-        ctx = self.ctx
         tokens = self.cache.tokens
         # The memmap viewed as (sequences, ctx): one row gather (a memcpy per row inside numpy, no Python loop).
-        rows = tokens[: tokens.shape[0] // ctx * ctx].reshape(-1, ctx)
+        rows = tokens[: tokens.shape[0] // self.ctx * self.ctx].reshape(-1, self.ctx)
         batch = rows[np.asarray(indices, dtype=np.int64)].astype(np.int64)
         vocab = self.cache.manifest.get("vocab_size")
         if vocab is not None and batch.size and batch.max() >= vocab:
