@@ -174,7 +174,7 @@ def gpt2_size_for(family: str, n_layer: int, params: int | None = None) -> str:
 def baroni2025(n_layer: int, size: str | None = None) -> Recipe:
     """The paper's per-size variant (with the auxiliary loss): `size` (a `gpt2_size_for` answer), else by depth;
     at another depth the size's per-layer shape is laid over the model's blocks and run for its tail length."""
-    return baroni_recipe(size or BARONI_BY_DEPTH.get(n_layer, "baroni2025-small"), n_layer)
+    return baroni_recipe(size or gpt2_size_for(PAPER_FAMILY, n_layer), n_layer)
 
 
 def all_at_once(n_layer: int) -> Recipe:
@@ -314,7 +314,7 @@ def for_family(asked: str, family: str, n_layer: int, params: int | None = None)
                          f"laid over {n_layer} blocks")
         elif n_layer not in BARONI_BY_DEPTH:
             notes.append(f"{asked}: no GPT-2 size has {n_layer} layers, so this is {size}'s per-layer start, gaps and "
-                         f"settings (lr {get_recipe('baroni2025', n_layer, size).train.lr:g}), run for its tail "
+                         f"settings (lr {BARONI_CONFIGS[size].learning_rate:g}), run for its tail "
                          "after the last removal")
     if family != PAPER_FAMILY and recipe.train.aux_weight > 0 and recipe.train.aux_kind == "baroni":
         recipe = replace(recipe, train=replace(recipe.train, aux_kind="relative"))
