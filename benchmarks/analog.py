@@ -8,7 +8,10 @@ analog's fine-tuning lr over GPT-2's 6e-4). The vanilla control of a preset is t
 and without the auxiliary loss; presets whose controls would be identical share one. Prints a Markdown table
 (mean ± SD over seeds) and writes analog_bench.json. No assertions: this is a measurement.
 
-    .venv/bin/python benchmarks/analog.py --seeds 0 1 2 [--hard] [--methods ...] [--out DIR]
+    .venv/bin/python benchmarks/analog.py --seeds 0 1 2 [--hard] [--methods ...] [--lora 16 64] [--out DIR]
+
+With `--lora R …` every method is also run with LoRA at each rank (its control too, at the same rank), and a
+second table sets each against full fine-tuning: CE, gap, trainable parameters, wall time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from lnfree.data import SequenceSampler, build_token_cache
 from lnfree.demo import DemoConfig, demo_cache_dir, prepare_pretrained, prepare_tokenizer, shipped_analog, val_ce
 from lnfree.models import load_model
+from lnfree.run.config import TrainConfig
 from lnfree.run.recipes import PRESETS, get_recipe
 from lnfree.run.runs import removal_plan, run_removal
 from lnfree.tokenizer import load_tokenizer
@@ -72,6 +76,7 @@ def main() -> None:
     ap.add_argument("--hard", action="store_true", help="the analog with a planted position-0 writer")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="training dtype (bf16: autocast, also on "
                     "CPU); evaluation is fp32 either way")
+    ap.add_argument("--lora", type=int, nargs="*", default=[], help="also run each method with LoRA at these ranks")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="analog-bench-")))
     args = ap.parse_args()
 
@@ -88,15 +93,19 @@ def main() -> None:
     n_layer, steps = cfg.n_layer, cfg.ft_steps()
     budget = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
               "ctx": cfg.ctx, "dtype": args.dtype}
-    ce: dict[str, list[float]] = {m: [] for m in args.methods}
-    controls: dict[str, list[float]] = {m: [] for m in args.methods}
+    rows = [(m, 0) for m in args.methods] + [(m, r) for r in args.lora for m in args.methods]  # (method, rank)
+    label = lambda m, r: m if not r else f"{m} +lora{r}"
+    ce: dict[str, list[float]] = {label(*row): [] for row in rows}
+    controls: dict[str, list[float]] = {label(*row): [] for row in rows}
+    trainable: dict[str, int] = {}
+    seconds: dict[str, list[float]] = {label(*row): [] for row in rows}
     t0 = time.time()
     for seed in args.seeds:
         control_ce: dict[str, float] = {}  # one control per distinct set of training settings
-        for name in args.methods:
+        for name, rank in rows:
             recipe = get_recipe(name, n_layer)
             over = {**budget, "seed": seed, "lr": recipe.train.lr * args.lr_scale,
-                    "min_lr": recipe.train.min_lr * args.lr_scale}
+                    "min_lr": recipe.train.min_lr * args.lr_scale, **({"lora_rank": rank} if rank else {})}
             key = json.dumps(asdict(replace(removal_plan(n_layer, name, over).train, aux_weight=0.0)), sort_keys=True)
             folder = args.out / f"seed{seed}"
             if key not in control_ce:
@@ -104,27 +113,52 @@ def main() -> None:
                 run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over, control=True,
                             cache_root=cache / "tokens", progress=False)
                 control_ce[key] = val_ce(load_model(run_dir / "final"), val, "control")["mean"]
-            run_dir = folder / name
-            run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over, cache_root=cache / "tokens",
-                        progress=False)
-            ce[name].append(val_ce(load_model(run_dir / "final"), val, name)["mean"])
-            controls[name].append(control_ce[key])
-            print(f"seed {seed} {name}: CE {ce[name][-1]:.4f}, its control {control_ce[key]:.4f}, "
-                  f"gap {ce[name][-1] - control_ce[key]:+.4f} ({time.time() - t0:.0f}s)", flush=True)
+            row = label(name, rank)
+            run_dir = folder / row.replace(" +", "-")
+            result = run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over,
+                                 cache_root=cache / "tokens", progress=False)
+            seconds[row].append(result.wall_seconds)
+            trainable[row] = _trainable(original, over)
+            ce[row].append(val_ce(load_model(run_dir / "final"), val, row)["mean"])
+            controls[row].append(control_ce[key])
+            print(f"seed {seed} {row}: CE {ce[row][-1]:.4f}, its control {control_ce[key]:.4f}, "
+                  f"gap {ce[row][-1] - control_ce[key]:+.4f} ({time.time() - t0:.0f}s)", flush=True)
     sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
     print(f"\n{'hard' if args.hard else 'plain'} analog; original val CE {ce_original:.4f}; fine-tuning {steps} "
           f"steps × {cfg.pretrain.batch_tokens} tokens ({args.ft_fraction:.0%} of pretraining); lr × {args.lr_scale};"
           f" seeds {args.seeds}; training {args.dtype}; {time.time() - t0:.0f}s\n")
     print("| preset | LN-free val CE | its vanilla control | LN-free − vanilla |\n|---|---|---|---|")
-    for name in args.methods:
+    for name in ce:
         gaps = [a - b for a, b in zip(ce[name], controls[name], strict=True)]
         note = f" ({candidates[name]})" if name in candidates else ""
         print(f"| {name}{note} | {statistics.mean(ce[name]):.4f} ± {sd(ce[name]):.4f} | "
               f"{statistics.mean(controls[name]):.4f} ± {sd(controls[name]):.4f} | "
               f"{statistics.mean(gaps):+.4f} ± {sd(gaps):.4f} |")
+    if args.lora:
+        print("\n| preset | trainable parameters | LN-free CE − full fine-tuning's (paired) | against full FT's "
+              "control | wall per run |\n|---|---|---|---|---|")
+        for name, rank in rows:
+            row, full = label(name, rank), label(name, 0)
+            vs_full = [a - b for a, b in zip(ce[row], ce[full], strict=True)]
+            vs_control = [a - b for a, b in zip(ce[row], controls[full], strict=True)]
+            print(f"| {row} | {trainable[row]:,} | {statistics.mean(vs_full):+.4f} ± {sd(vs_full):.4f} | "
+                  f"{statistics.mean(vs_control):+.4f} ± {sd(vs_control):.4f} | "
+                  f"{statistics.mean(seconds[row]):.0f} s |")
     (args.out / "analog_bench.json").write_text(json.dumps(
-        {"ce": ce, "controls": controls, "original": ce_original, "hard": args.hard, "seeds": args.seeds,
-         "steps": steps, "lr_scale": args.lr_scale, "dtype": args.dtype}, indent=1))
+        {"ce": ce, "controls": controls, "trainable": trainable, "seconds": seconds, "original": ce_original,
+         "hard": args.hard, "seeds": args.seeds, "steps": steps, "lr_scale": args.lr_scale, "dtype": args.dtype},
+        indent=1))
+
+
+def _trainable(model_dir: Path, over: dict) -> int:
+    """Parameters a run with these settings trains (all of them without LoRA)."""
+    from lnfree.run.lora import add_adapters, count_trainable
+
+    model = load_model(model_dir)
+    if over.get("lora_rank"):  # the defaults of TrainConfig's other LoRA settings, as the runs have them
+        t = TrainConfig(lora_rank=over["lora_rank"])
+        add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets, t.lora_trainable, t.seed)
+    return count_trainable(model)[0]
 
 
 if __name__ == "__main__":

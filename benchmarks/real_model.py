@@ -39,6 +39,7 @@ from lnfree.demo_real import position0_ratio
 from lnfree.jsonfile import read_jsonl
 from lnfree.method.aux import PER_NORM_KINDS
 from lnfree.method.calibrate import apply_site_states, calibrate
+from lnfree.method.model_sites import set_sigma_rule, uniformity_terms
 from lnfree.method.schedule import SiteState
 from lnfree.method.sigma import SigmaRule
 from lnfree.run.record import RunRecord
@@ -136,7 +137,7 @@ def warm(args) -> None:
     for step in range(1, args.steps + 1):
         model.train()
         for idx in sampler.next_batch(8).split(4):
-            with torch.autocast("cpu", dtype=torch.bfloat16), model.uniformity_terms(args.aux_kind) as terms:
+            with torch.autocast("cpu", dtype=torch.bfloat16), uniformity_terms(model, args.aux_kind) as terms:
                 loss = next_token_loss(model(idx), idx)
             ((loss + args.weight * torch.stack(terms).mean()) / 2).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -163,7 +164,7 @@ def cliff(args) -> None:
     scheduled = record.schedule.state_at(state["step"])
 
     def at(weight: float, factor: float | None = None) -> None:
-        model.set_sigma_rule(rule if factor is None else replace(rule, outlier_factor=factor))
+        set_sigma_rule(model, rule if factor is None else replace(rule, outlier_factor=factor))
         apply_site_states(model, {n: SiteState(s.frozen, min(s.bos_weight, weight) if s.frozen else 0.0, 0.0)
                                   for n, s in scheduled.items()})
 

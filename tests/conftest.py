@@ -64,3 +64,15 @@ def tiny_setup(tmp_path_factory):
     hf.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return {"corpus": corpus, "model": model_dir, "cache": root / "cache", "root": root}
+
+
+def rewind_copy(run: Path, to: Path, later: tuple[str, ...] = ("step_00000009", "step_00000012")) -> Path:
+    """A copy of a finished run taken back to an earlier checkpoint: the `later` ones and final/ removed, so that
+    `--resume` must redo the rest."""
+    import shutil
+
+    shutil.copytree(run, to)
+    for name in later:
+        shutil.rmtree(to / "checkpoints" / name)
+    shutil.rmtree(to / "final")
+    return to

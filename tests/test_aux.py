@@ -14,6 +14,7 @@ from lnfree.analysis.evaluate import evaluate_ce
 from lnfree.method.aux import aux_std_loss, log_uniformity
 from lnfree.method.calibrate import apply_site_states, calibrate
 from lnfree.method.diagnose import first_nonfinite_site
+from lnfree.method.model_sites import uniformity_terms
 from lnfree.method.schedule import SiteState
 from lnfree.models import load_model
 
@@ -45,9 +46,9 @@ def test_the_sites_form_reads_every_norm_input_once(hf_gpt2_dir):
     the activation cache shows it, with gradients to the weights."""
     model = load_model(hf_gpt2_dir)
     idx = random_tokens(seq=20)
-    with model.uniformity_terms("sites-worst") as worst_terms:
+    with uniformity_terms(model, "sites-worst") as worst_terms:
         model(idx)
-    with model.uniformity_terms() as terms:
+    with uniformity_terms(model) as terms:
         model(idx)
     layers = model.norm_layers()
     assert len(terms) == len(layers) == 2 * model.n_layers + 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import rewind_copy
 from test_train import _LIVE_PRESET, CTX, RUN_ARGS
 
 TOL = 1e-5
@@ -161,11 +161,7 @@ def test_a_rank_that_hangs_or_dies_is_named_and_the_run_resumes_under_one_proces
 
 
 def test_a_one_process_checkpoint_resumes_under_two_processes(live, reference, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(reference, out)
-    for late in ("step_00000009", "step_00000012"):
-        shutil.rmtree(out / "checkpoints" / late)
-    shutil.rmtree(out / "final")
+    out = rewind_copy(reference, tmp_path / "run")
     _ok(_torchrun(live, out, 2, "--resume", "--fsdp"))  # a whole-model checkpoint sharded on load
     _assert_same_run(out, reference)
 
@@ -189,3 +185,13 @@ def test_rank_rows_interleave_micro_batches():
     rows = [World(rank=r, size=2).rank_rows(8, 2).tolist() for r in range(2)]
     assert rows == [[0, 1, 4, 5], [2, 3, 6, 7]]  # global micro-batches 0, 2 | 1, 3
     assert torch.equal(torch.tensor(sorted(rows[0] + rows[1])), torch.arange(8))
+
+
+def test_a_lora_run_under_fsdp2_makes_the_one_process_lora_run(live, tmp_path):
+    """`--lora` under FSDP2: sharded checkpoints without the frozen base weights, adapters merged from the gathered
+    state dict — the same run as one process."""
+    pytest.importorskip("peft")
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(_run1(live, one, "--lora", "2"))
+    _ok(_torchrun(live, two, 2, "--lora", "2", "--fsdp"))
+    _assert_same_run(two, one)

@@ -19,6 +19,7 @@ from family_checks import (
 )
 from lnfree.export.core import PARITY_TOL, export_model
 from lnfree.export.verify import verify
+from lnfree.method.fold import normalising_sites
 from lnfree.models import load_model, save_model
 
 CASES = {  # name -> (architecture, config class, heads, kv heads, tied, extra config)
@@ -117,7 +118,7 @@ def test_a_new_model_for_pretraining_is_a_stock_checkpoint(tmp_path):
     from lnfree.models import FAMILIES
 
     model = FAMILIES["llama"].new_model(VOCAB, 64, 48, 2, 4, VOCAB - 1, 0).eval()
-    assert model.config.tie_word_embeddings and len(model.normalising_sites()) == 7
+    assert model.config.tie_word_embeddings and len(normalising_sites(model)) == 7
     save_model(model, tmp_path / "new")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "new").eval()
     assert type(hf).__name__ == "LlamaForCausalLM"

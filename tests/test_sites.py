@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import EOT, make_hf_gpt2, random_tokens
 from lnfree.method.calibrate import apply_site_states, calibrate
+from lnfree.method.model_sites import collect_norm_stats, ema_step, set_sigma_rule
 from lnfree.method.schedule import SiteState
 from lnfree.method.sites import RemovableLayerNorm
 from lnfree.models import load_model
@@ -158,7 +159,7 @@ def test_ema_once_per_step_training_forwards_only(hf_gpt2_dir):
         model(idx)
     assert site_qk.stat_counts.sum() == 0
     # a training forward with activation checkpointing: the recompute in backward is not counted
-    with model.collect_norm_stats():
+    with collect_norm_stats(model):
         logits = checkpoint(model, idx, use_reentrant=False)
     counts_after_forward = site_qk.stat_counts.clone()
     logits.sum().backward()
@@ -171,7 +172,7 @@ def test_ema_once_per_step_training_forwards_only(hf_gpt2_dir):
     main = torch.ones_like(idx, dtype=torch.bool)
     main[:, 0] = False
     main &= idx != EOT
-    model.ema_step(0.9)
+    ema_step(model, 0.9)
     expected = 0.9 * before + 0.1 * std[main].mean().item()
     # once per optimizer step, for each path — not twice for the shared ln_1
     assert site_qk.sigma.item() == pytest.approx(expected, rel=1e-5)
@@ -229,7 +230,7 @@ def test_per_call_ema_is_the_2025_fakelayernorm(hf_gpt2_dir, tracking):
     model = load_model(hf_gpt2_dir).train()
     rule = SigmaRule(positions="pooled", ema="call", momentum=0.7, v_reads=2, tracking=tracking)
     calibrate(model, [random_tokens(seed=9)], rule)
-    model.set_sigma_rule(rule, micro_batches_per_step=4)
+    set_sigma_rule(model, rule, micro_batches_per_step=4)
     layer = model.h[0].ln_1
     qk, v = layer.sites
     ref = Reference2025LayerNorm(qk.sigma.item(), momentum=0.7)
@@ -243,7 +244,7 @@ def test_per_call_ema_is_the_2025_fakelayernorm(hf_gpt2_dir, tracking):
             ref.fake["v"] = True
         for _ in range(3):
             x = torch.randn(2, 9, 48, generator=g) * (1 + torch.rand(1, generator=g).item())
-            with model.collect_norm_stats():
+            with collect_norm_stats(model):
                 layer(x, torch.zeros(2, 9, dtype=torch.bool))
             ref.block_forward(x)
             assert v.sigma.item() == pytest.approx(ref.buffer, rel=1e-5), phase
@@ -258,13 +259,13 @@ def test_per_call_momentum_keeps_the_reference_fraction_per_step(hf_gpt2_dir):
 
     model = load_model(hf_gpt2_dir).train()
     rule = SigmaRule(positions="pooled", ema="call", momentum=0.9, reference_calls=16, v_reads=2, tracking="norm")
-    model.set_sigma_rule(rule, micro_batches_per_step=4)  # 4 of our micro-batches stand for 16 of the reference
+    set_sigma_rule(model, rule, micro_batches_per_step=4)  # 4 of our micro-batches stand for 16 of the reference
     x = torch.randn(3, 10, 48) * 2
     target = _std(x).mean().item()
     for layer, reads in ((model.h[0].ln_2, 1), (model.h[0].ln_1, 3)):
         for site in layer.sites:
             site.sigma.fill_(1.0)
-        with model.collect_norm_stats():
+        with collect_norm_stats(model):
             for _ in range(4):
                 layer(x)
         kept = 0.9 ** (16 * reads)  # what 16 reference micro-batches keep of the old σ̂
@@ -314,9 +315,9 @@ def test_sigma_freezes_at_the_switch_unless_it_tracks_until_fixed(hf_gpt2_dir, t
     live = model.norm_sites()["blocks.1.ln2"]
     s_frozen, s_fixed, s_live = site.sigma.item(), fixed.sigma.item(), live.sigma.item()
     idx = random_tokens(seed=3) * 0 + 5  # very different statistics
-    with model.collect_norm_stats():
+    with collect_norm_stats(model):
         model(idx)
-    model.ema_step(0.0)
+    ema_step(model, 0.0)
     assert live.sigma.item() != s_live
     assert fixed.sigma.item() == s_fixed  # under every rule
     if tracking == "site":

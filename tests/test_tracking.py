@@ -124,7 +124,8 @@ def test_every_training_setting_is_a_flag():
     from lnfree.commands.flags import training_overrides
 
     given = {"betas": (["0.8", "0.9"], (0.8, 0.9)), "dtype": (["bf16"], "bf16"), "device": (["cpu"], "cpu"),
-             "decay_steps": (["7"], 7), "max_train_tokens": (["4096"], 4096)}
+             "decay_steps": (["7"], 7), "max_train_tokens": (["4096"], 4096), "lora_alpha": (["32"], 32.0),
+             "lora_trainable": (["biases"], "biases"), "lora_targets": (["fc,proj"], "fc,proj")}
     argv = ["remove", "m", "--data", "d", "--out", "o"]
     expected = {}
     for f in fields(TrainConfig):

@@ -14,6 +14,8 @@ from .models import gguf
 from .models.base import LNModel
 from .models.io import TOKENIZER_FILES, load_model
 from .run.checkpoint import latest_checkpoint, load_checkpoint
+from .run.lora import add_adapters, has_adapters, merge_adapters
+from .run.record import read_record
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,27 @@ def _run_dir_of(folder: Path) -> Path | None:
     return None
 
 
+def _adapted_base(checkpoint: Path, dtype: torch.dtype | None) -> LNModel | None:
+    """For a checkpoint of a LoRA run (which leaves out the frozen base weights): the base model from the run's
+    own source, with the run's adapters in place for the checkpoint to fill; None for any other checkpoint."""
+    record = read_record(checkpoint.parent.parent)
+    t = record.train if record is not None else None
+    if t is None or not t.lora_rank:
+        return None
+    model, _ = load_source(record.model, dtype=dtype)
+    add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets, t.lora_trainable, t.seed)
+    return model
+
+
 def load_source(source: str | os.PathLike, *, unfinished_runs: bool = False,
                 dtype: torch.dtype | None = None) -> tuple[LNModel, ModelSource]:
     """(model as stored — live, frozen or folded —, where it came from) for any source `resolve_source` reads."""
     where = resolve_source(source, unfinished_runs=unfinished_runs)
     if where.checkpoint is not None:
         with torch.random.fork_rng(devices=[]):  # loading a run checkpoint restores RNG state; keep ours
-            model, _ = load_checkpoint(where.checkpoint)
+            model, _ = load_checkpoint(where.checkpoint, _adapted_base(where.checkpoint, dtype))
+        if has_adapters(model):
+            merge_adapters(model)
         model.source = str(source)
         return (model.to(dtype) if dtype is not None else model), where
     return load_model(where.model_dir, dtype=dtype), where

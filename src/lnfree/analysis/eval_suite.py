@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..method.fold import normalising_sites
 from .eval_data import (
     check_compatible,
     check_dataset_name,
@@ -70,7 +71,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
     return {"source": getattr(model, "source", None), "vocab_size": model.config.vocab_size,
             "n_positions": model_context(model),
             # 0: the model no longer normalises per token (frozen σ̂ without specials, or folded away)
-            "live_norm_sites": len(model.normalising_sites()) if hasattr(model, "normalising_sites") else None,
+            "live_norm_sites": len(normalising_sites(model)) if hasattr(model, "norm_sites") else None,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -48,7 +48,7 @@ def _flag_kwargs(f) -> dict:
         from ..run.config import DTYPES
 
         return {"choices": DTYPES}
-    return {"type": {"int": int, "float": float, "str": str, "int | None": int}[kind]}
+    return {"type": {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[kind]}
 
 
 def add_train_options(p: argparse.ArgumentParser, shown, where: str) -> None:

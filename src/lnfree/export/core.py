@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..jsonfile import read_json
+from ..method.fold import check_foldable
 from ..models import FAMILIES
 from ..models.base import LNModel
 from ..models.io import TOKENIZER_FILES, copy_tokenizer_files, load_model, save_model, share_like_umask
@@ -72,7 +73,7 @@ def as_norm_free(model: LNModel, what: str = "model") -> tuple[LNModel, bool]:
     if not model.has_normalization:
         return model.eval(), False
     try:
-        model.check_foldable()
+        check_foldable(model)
     except ValueError as e:
         raise ValueError(f"{what}: {e}; only LN-free models export (a finished run, a folded or an eps=1e12 "
                          "model)") from None

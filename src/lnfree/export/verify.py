@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..method.fold import normalising_sites
 from ..models.base import LNModel
 from ..sources import load_source
 from .core import FORMATS, as_norm_free, parity_tolerance, reload_parity, sample_batches, write_format
@@ -169,7 +170,7 @@ def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
     else:
         model, name = load_source(model_or_path, unfinished_runs=True)[0], str(model_or_path)
     model.eval()
-    sites = model.normalising_sites()
+    sites = normalising_sites(model)
     if not sites and model.has_normalization:
         model, _ = as_norm_free(model, name)  # frozen, no specials: fold, then check what is left
     batches = batches if batches is not None else sample_batches(model)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 AUX_KINDS = ("baroni", "relative", "sites", "sites-worst")
-PER_NORM_KINDS = ("sites", "sites-worst")  # the forms read at every norm's input (`LNModel.uniformity_terms`)
+PER_NORM_KINDS = ("sites", "sites-worst")  # the forms read at every norm's input (`model_sites.uniformity_terms`)
 
 
 def regular_positions(std: Tensor, eot_mask: Tensor | None) -> Tensor:

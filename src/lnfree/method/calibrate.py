@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..models.base import LNModel
+from .model_sites import collect_norm_stats, ema_step, set_sigma_rule
 from .schedule import SiteState
 from .sigma import SigmaRule
 
@@ -21,12 +22,12 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
 
     Runs plain forwards in eval mode over `batches` (token ids, (B, T)), shared among the ranks of a distributed
     run; returns {site: σ̂}. The rule stays set
-    on the model; a training run then switches on its EMA (`LNModel.set_sigma_rule`).
+    on the model; a training run then switches on its EMA (`model_sites.set_sigma_rule`).
     """
     batches = list(batches)
     if not batches:
         raise ValueError("calibration needs at least one batch of tokens")
-    model.set_sigma_rule(rule or SigmaRule())  # no micro-batch count: statistics wait for the ema_step below
+    set_sigma_rule(model, rule or SigmaRule())  # no micro-batch count: statistics wait for the ema_step below
     was_training = model.training
     model.eval()
     # In a distributed run rank r measures batches r, r + W, …; a rank left without one in the last round runs
@@ -35,9 +36,9 @@ def calibrate(model: LNModel, batches: Iterable[Tensor], rule: SigmaRule | None 
     rank, size = world.rank, world.size
     for first in range(0, len(batches), size):
         mine = first + rank
-        with model.collect_norm_stats() if mine < len(batches) else contextlib.nullcontext():
+        with collect_norm_stats(model) if mine < len(batches) else contextlib.nullcontext():
             model(batches[mine if mine < len(batches) else 0])
-    model.ema_step(momentum=0.0)  # momentum 0: σ̂ := the measured statistic
+    ema_step(model, momentum=0.0)  # momentum 0: σ̂ := the measured statistic
     model.train(was_training)
     return {name: site.sigma.tolist() for name, site in model.norm_sites().items()}  # per head: a list
 

@@ -64,11 +64,30 @@ class NormRead:
         return cls(norm, linear.weight, linear.bias, into, site, rows)
 
 
+def normalising_sites(model: LNModel) -> list[str]:
+    """Sites whose divisor still depends on the token (`NormSite.normalises`); empty once foldable."""
+    return [name for name, site in model.norm_sites().items() if site.normalises]
+
+
+def check_foldable(model: LNModel) -> None:
+    """Raise a one-line error naming the sites that still normalise per token or keep a special σ̂."""
+    sites = model.norm_sites()
+    live = [n for n in normalising_sites(model) if not sites[n].is_frozen]
+    special = [n for n in normalising_sites(model) if sites[n].is_frozen]
+    if live:
+        raise ValueError(f"cannot fold: {len(live)} of {len(sites)} site(s) still live "
+                         f"({', '.join(live[:3])}{', …' if len(live) > 3 else ''}); finish the removal schedule first")
+    if special:
+        raise ValueError(f"cannot fold: {len(special)} site(s) still use a position-0/EOT special σ̂ "
+                         f"({', '.join(special[:3])}{', …' if len(special) > 3 else ''}); run the schedule past its "
+                         "special-σ̂ removal")
+
+
 @torch.no_grad()
 def fold_model(model: LNModel) -> LNModel:
     """The norm-free twin of a fully frozen model (no live site, no special σ̂), computing the same function: every
     parameter the twin shares by name and shape is copied, every `model.norm_reads(twin)` entry folded."""
-    model.check_foldable()
+    check_foldable(model)
     ref = next(model.parameters())
     twin = type(model)(replace(model.config, normalization=False)).to(dtype=ref.dtype, device=ref.device)
     theirs = twin.state_dict()

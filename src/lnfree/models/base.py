@@ -11,10 +11,8 @@ The method (schedule, calibration, training) talks to models only through this f
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -23,10 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..method.fold import PUBLISHED_NOLN_MIN_EPS, NormRead, fold_model
+from ..method.fold import NormRead, fold_model
 from ..method.schedule import SiteSpec
-from ..method.sigma import SigmaRule
-from ..method.sites import NormSite, RemovableLayerNorm, reduce_across_ranks
+from ..method.sites import NormSite, RemovableLayerNorm
 
 
 class LNModel(nn.Module):
@@ -61,68 +58,12 @@ class LNModel(nn.Module):
             return None
         return idx == ids[0] if len(ids) == 1 else torch.isin(idx, torch.tensor(ids, device=idx.device))
 
-    @contextlib.contextmanager
-    def collect_norm_stats(self) -> Iterator[None]:
-        """Record per-token std at live sites for the forwards run inside this block (training forwards only).
-
-        Backward runs outside the block, so activation-checkpoint recomputes are not counted.
-        """
-        layers = self.norm_layers()
-        for layer in layers:
-            layer.collecting = True
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.collecting = False
-
-    @contextlib.contextmanager
-    def uniformity_terms(self, kind: str = "sites") -> Iterator[list[Tensor]]:
-        """The "sites" / "sites-worst" auxiliary loss (method/aux.py): every norm's log-uniformity term of the
-        forwards run inside this block, in one list (with their gradients)."""
-        if self.gradient_checkpointing:
-            raise ValueError(f"--aux-kind {kind} cannot be combined with --activation-checkpointing (a recomputed "
-                             "block would measure its norms twice); use --aux-kind relative, or no checkpointing")
-        terms: list[Tensor] = []
-        layers = self.norm_layers()
-        for layer in layers:
-            layer.uniformity, layer.uniformity_worst = terms, kind == "sites-worst"
-        try:
-            yield terms
-        finally:
-            for layer in layers:
-                layer.uniformity = None
-
-    def set_sigma_rule(self, rule: SigmaRule, micro_batches_per_step: int | None = None) -> None:
-        """How σ̂ is measured and followed (method/sigma.py). With `micro_batches_per_step`, a "call" rule
-        moves σ̂ inside every training forward; without, statistics wait for `ema_step` (calibration)."""
-        for layer in self.norm_layers():
-            layer.rule = rule
-            per_call = rule.ema == "call" and rule.collects and micro_batches_per_step
-            layer.call_momentum = (rule.call_momentum(micro_batches_per_step, rule.reads(layer.roles))
-                                   if per_call else None)
-
-    def set_static_graph(self, static: bool = True) -> None:
-        """Compute every norm site's divisor on the device whatever its state (`RemovableLayerNorm._forward_static`),
-        so that one compiled graph serves the whole removal: a site switch neither breaks nor recompiles it. The
-        training loop turns this on with `--compile`; eager runs keep the cheaper branch per state."""
-        for layer in self.norm_layers():
-            layer.static = static
-
     def run_block(self, block: nn.Module, *args: Any, cache: dict | None = None) -> Any:
         """Call a transformer block, recomputing it in backward when `gradient_checkpointing` is on (training
         forwards without an activation cache only). Families run every block through this."""
         if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
             return checkpoint(block, *args, None, use_reentrant=False)
         return block(*args, cache)
-
-    def ema_step(self, momentum: float) -> None:
-        """Fold the collected std into σ̂ at every tracked site (once per optimizer step, "step" rule), the
-        statistics of every rank summed in one collective."""
-        layers = self.norm_layers()
-        reduce_across_ranks([site for layer in layers for site in layer.tracked_sites()])
-        for layer in layers:
-            layer.ema_step(momentum, reduce=False)
 
     def set_dropout(self, p: float) -> None:
         """Dropout probability of training forwards, wherever the family places dropout (GPT-2: embeddings,
@@ -193,38 +134,6 @@ class LNModel(nn.Module):
         """A norm-free model computing the same function; requires every site frozen with no specials."""
         return fold_model(self)
 
-    @torch.no_grad()
-    def adopt_published_convention(self, eps: float) -> bool:
-        """Read a checkpoint in the published LN-free convention as what it means. The published LN-free models
-        (apollo-research/gpt2_noLN, schaeff/gpt2-*_LNFree*) — and our hf-compat exports — keep their norm modules
-        with eps ≥ 1e6 (1e12) and gains scaled by sqrt(eps): sqrt(var + eps) ≈ sqrt(eps) makes every norm a fixed
-        division. Every site is then frozen at σ̂ = sqrt(eps) without specials, so fold() gives the exact norm-free
-        model; the stored function differs by a relative var/(2·eps) (< 1e-6 for residual std below 1e3).
-        Returns whether it applied."""
-        if eps < PUBLISHED_NOLN_MIN_EPS:
-            return False
-        for site in self.norm_sites().values():
-            site.set_state(True, 0.0, 0.0)
-            site.sigma.fill_(math.sqrt(eps))
-        return True
-
-    def normalising_sites(self) -> list[str]:
-        """Sites whose divisor still depends on the token (`NormSite.normalises`); empty once foldable."""
-        return [name for name, site in self.norm_sites().items() if site.normalises]
-
-    def check_foldable(self) -> None:
-        """Raise a one-line error naming the sites that still normalise per token or keep a special σ̂."""
-        sites = self.norm_sites()
-        live = [n for n in self.normalising_sites() if not sites[n].is_frozen]
-        special = [n for n in self.normalising_sites() if sites[n].is_frozen]
-        if live:
-            raise ValueError(f"cannot fold: {len(live)} of {len(sites)} site(s) still live "
-                             f"({', '.join(live[:3])}{', …' if len(live) > 3 else ''}); finish the removal "
-                             "schedule first")
-        if special:
-            raise ValueError(f"cannot fold: {len(special)} site(s) still use a position-0/EOT special σ̂ "
-                             f"({', '.join(special[:3])}{', …' if len(special) > 3 else ''}); run the schedule "
-                             "past its special-σ̂ removal")
 
 
 @dataclass(frozen=True)

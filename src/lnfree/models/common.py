@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..method.model_sites import adopt_published_convention
 from ..method.sites import RemovableLayerNorm
 
 
@@ -98,6 +99,18 @@ def rotary_decoder(model: nn.Module, x: Tensor, layers: nn.ModuleList, rotary: R
     return x, final
 
 
+def linear_weights(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) that `linear` applies, for a family that slices the rows of a packed projection (GPT-2's
+    c_attn, NeoX's query_key_value) instead of calling it: a LoRA wrapper's update (peft's `lora.Linear`, see
+    run/lora.py) is added to its base weight, so slicing keeps the adapter in the computation."""
+    base = getattr(linear, "base_layer", linear)
+    weight = base.weight
+    if base is not linear and not linear.merged:
+        for name in linear.active_adapters:
+            weight = weight + linear.get_delta_weight(name)
+    return weight, base.bias
+
+
 def stack_components(cache: dict[str, Tensor], embeds: list[str], out_projs: list[nn.Linear],
                      n_head: int) -> tuple[list[str], Tensor]:
     """Every write to the final residual stream, (N, B, T, D): the named embedding hooks, each head's z · W_O
@@ -144,7 +157,7 @@ def hf_state(model: nn.Module, body_prefix: str) -> dict[str, Tensor]:
 def load_checked(model: nn.Module, state: dict[str, Tensor], what: str, norm_eps: float) -> None:
     """Load a state dict already mapped to our keys: every tensor known and of the right shape, every parameter
     present (σ̂ buffers keep their defaults: transformers checkpoints have none). A model with norms whose eps is
-    the published LN-free convention's is read as frozen (`LNModel.adopt_published_convention`)."""
+    the published LN-free convention's is read as frozen (`model_sites.adopt_published_convention`)."""
     ours = model.state_dict()
     for key, tensor in state.items():
         if key not in ours:
@@ -157,4 +170,4 @@ def load_checked(model: nn.Module, state: dict[str, Tensor], what: str, norm_eps
         raise ValueError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=False)
     if model.has_normalization:
-        model.adopt_published_convention(norm_eps)
+        adopt_published_convention(model, norm_eps)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..method.fold import NormRead
 from ..method.sites import RemovableLayerNorm
 from .base import Family, LNModel
-from .common import causal_attention, load_checked, pre_norm_block, stack_components
+from .common import causal_attention, linear_weights, load_checked, pre_norm_block, stack_components
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -71,7 +71,8 @@ class Attention(nn.Module):
             q, k, v = self.c_attn(x_qk).split(D, dim=-1)
         else:  # Q/K and V read different norm outputs: slice the packed weights, no duplicate work
             # (split, not slicing: its backward writes both parts of the gradient at once, no zero-filled copies)
-            (w_qk, w_v), (b_qk, b_v) = self.c_attn.weight.split([2 * D, D]), self.c_attn.bias.split([2 * D, D])
+            weight, bias = linear_weights(self.c_attn)
+            (w_qk, w_v), (b_qk, b_v) = weight.split([2 * D, D]), bias.split([2 * D, D])
             q, k = F.linear(x_qk, w_qk, b_qk).split(D, dim=-1)
             v = F.linear(x_v, w_v, b_v)
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, dh)

@@ -25,6 +25,7 @@ from .common import (
     causal_attention,
     hf_state,
     init_normal,
+    linear_weights,
     load_checked,
     pre_norm_block,
     rotary_decoder,
@@ -77,8 +78,8 @@ class Attention(nn.Module):
     def packed(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(W_qk, b_qk, W_v, b_v): the rows of the per-head packed projection that Q/K and V read."""
         H, dh = self.n_head, self.d_head
-        w = self.query_key_value.weight.view(H, 3, dh, -1)
-        b = self.query_key_value.bias
+        w, b = linear_weights(self.query_key_value)
+        w = w.view(H, 3, dh, -1)
         b = b.view(H, 3, dh) if b is not None else None
         flat = lambda t: t.reshape(-1, t.shape[-1]) if t.dim() == 4 else t.reshape(-1)
         return (flat(w[:, :2]), None if b is None else flat(b[:, :2]), flat(w[:, 2:]),

@@ -8,6 +8,8 @@ Layout of one checkpoint, `RUN/checkpoints/step_00000050/`, in one of two forms:
     dcp/                   model and optimizer as `torch.distributed.checkpoint` shards           FSDP2 (every rank)
 and in both
     state.json             step, data cursor, model config, loss history (settings and schedule: run.json)
+A LoRA run's checkpoint leaves out the frozen base weights (run/lora.py): the model holds the adapters, the
+parameters that train and the σ̂ buffers; a resume rebuilds the base from the run's model source first.
 Parameters are named by their fully qualified names (`torch.distributed.checkpoint.state_dict`), so either form
 loads into a plain, a DDP or an FSDP2 model at any world size. No generator state is kept: dropout masks are
 seeded per micro-batch (lnfree.distributed.micro_seed). Nothing is unpickled on load. A checkpoint is written
@@ -42,6 +44,7 @@ from ..distributed import SINGLE, World
 from ..jsonfile import read_json
 from ..models.base import LNModel
 from ..models.families import FAMILIES
+from .lora import frozen_parameter_names, has_adapters, merge_adapters, merged_state_dict
 
 _PREFIX = "step_"
 
@@ -115,14 +118,14 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
         if sharded:
             tmp = Path(world.broadcast(str(tmp)))
-            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=tmp / "dcp")
+            dcp.save({"model": _trained(model, get_model_state_dict(model)),
+                      "optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / "dcp")
             world.barrier()
             if not world.is_main:
                 return target
         else:
-            save_file({k: v.contiguous() for k, v in get_model_state_dict(model, options=_FULL).items()},
-                      tmp / "model.safetensors")
+            weights = _trained(model, get_model_state_dict(model, options=_FULL))
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
             save_file({f"{name}.{key}": v.contiguous() for name, st in osd["state"].items()
                        for key, v in st.items()}, tmp / "optimizer.safetensors")
@@ -143,6 +146,23 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     return target
 
 
+def _trained(model: nn.Module, state: dict) -> dict:
+    """The state a checkpoint keeps: all of it, less the base weights a LoRA run never changes."""
+    frozen = frozen_parameter_names(model)
+    return {k: v for k, v in state.items() if k not in frozen} if frozen else state
+
+
+def _check_keys(model: nn.Module, saved: set[str], path: Path) -> None:
+    """A checkpoint may lack only the frozen base weights of a LoRA run; anything else missing or extra means it
+    belongs to another model (a LoRA checkpoint loaded without its adapters, or the reverse)."""
+    expected = set(model.state_dict())
+    missing, extra = expected - saved - frozen_parameter_names(model), saved - expected
+    if missing or extra:
+        what = f"lacks {sorted(missing)[0]}" if missing else f"holds {sorted(extra)[0]}, which the model has not"
+        raise ValueError(f"checkpoint {path} {what} ({len(missing)} missing, {len(extra)} unexpected): it was "
+                         "written by another model or another --lora setting")
+
+
 def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
     """The optimizer's hyper-parameters per group, parameters by name (what `set_optimizer_state_dict` reads)."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -159,18 +179,20 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     groups = payload.pop("optimizer")["param_groups"]
     state = RunState(**{k: v for k, v in payload.items() if k in RunState.__dataclass_fields__})
     if (path / "dcp").is_dir():
-        sd = {"model": get_model_state_dict(model)}
+        sd = {"model": _trained(model, get_model_state_dict(model))}
         if optimizer is not None:
             sd["optim"] = get_optimizer_state_dict(model, optimizer)
         with warnings.catch_warnings():  # one process reading shards: DCP says it assumes so; it is so
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(sd, checkpoint_id=path / "dcp", no_dist=not world.active)
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not has_adapters(model)))
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, sd["optim"])
         return state
-    full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, load_file(path / "model.safetensors"), options=full)
+    full = StateDictOptions(full_state_dict=True, strict=not has_adapters(model))
+    weights = load_file(path / "model.safetensors")
+    _check_keys(model, set(weights), path)
+    set_model_state_dict(model, weights, options=full)
     if optimizer is not None:
         per_param: dict[str, dict] = {}
         for key, value in load_file(path / "optimizer.safetensors").items():
@@ -193,13 +215,13 @@ def load_checkpoint(path: Path, model: LNModel | None = None,
 
 def whole_model(model: LNModel, world: World = SINGLE) -> LNModel | None:
     """The trained model as one ordinary module on rank 0 — gathered from the shards under FSDP2 (every rank
-    calls this) —; None on the other ranks."""
+    calls this), LoRA adapters merged into their weights —; None on the other ranks."""
     if not (world.fsdp and world.active):
-        return model if world.is_main else None
+        return (merge_adapters(model) if has_adapters(model) else model) if world.is_main else None
     sd = get_model_state_dict(model, options=_FULL)
     if not world.is_main:
         return None
     family = FAMILIES[model.family]
     whole = family.build(family.config_dict(model))
-    whole.load_state_dict(sd)
+    whole.load_state_dict(merged_state_dict(model, sd) if has_adapters(model) else sd)
     return whole

@@ -20,7 +20,7 @@ DTYPES = ("auto", "fp32", "bf16")
 # σ̂-rule settings a command line may override (flag name -> SigmaRule field); the rest comes from the preset.
 SIGMA_OVERRIDES = {"ema_momentum": "momentum"}
 # Settings whose flag is not their name with dashes.
-FLAG_NAMES = {"warmup_steps": "--warmup"}
+FLAG_NAMES = {"warmup_steps": "--warmup", "lora_rank": "--lora"}
 
 
 def flag(name: str) -> str:
@@ -57,6 +57,7 @@ SETTING_RANGES = {
     "calibration_batches": AT_LEAST_1, "seed": AT_LEAST_0, "dist_timeout": POSITIVE, "checkpoint_every": AT_LEAST_0,
     "keep_checkpoints": AT_LEAST_1, "spike_factor": Range(1, low_open=True), "max_train_tokens": AT_LEAST_1,
     "sample_factor": AT_LEAST_1, "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_1, "ema_momentum": Range(0, 1),
+    "lora_rank": AT_LEAST_0, "lora_alpha": POSITIVE,
 }
 _KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
           "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
@@ -93,6 +94,10 @@ def check_settings(values: dict, where: str | None = None) -> None:
             ok = test(value)
         if not ok:
             raise ValueError(f"{label} must be {words}, got {value!r}")
+        if name == "lora_trainable":
+            from .lora import trainable_kinds
+
+            trainable_kinds(value)
         if name in choices and value not in choices[name]:
             raise ValueError(f"{label} must be one of {', '.join(choices[name])}, got {value!r}")
         for v in value if isinstance(value, (list, tuple)) else [value]:
@@ -132,6 +137,13 @@ class TrainConfig:
     control: bool = _opt(False, "vanilla control: the identical run with every LayerNorm kept")
     compile: bool = _opt(False, "torch.compile the model")
     activation_checkpointing: bool = _opt(False, "recompute block activations in backward (less memory)")
+    lora_rank: int = _opt(0, "LoRA (peft): train a rank-R update of each targeted linear map, the base weights "
+                             "frozen, merged into them at the end (0: full fine-tuning)")
+    lora_alpha: float | None = _opt(None, "LoRA: updates are scaled by alpha / rank (default: rank, scale 1)")
+    lora_targets: str = _opt("all", "LoRA: the blocks' linear maps to adapt: all, or a comma list of their names "
+                                    "(q_proj,v_proj; c_attn,c_fc)")
+    lora_trainable: str = _opt("norms", "LoRA: parameters that stay fully trainable beside the adapters: a comma "
+                                        "list of norms, biases, embeddings, or none")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     device: str = _opt("auto", "auto (cuda when available; under torchrun each rank's own card), cpu, cuda or cuda:N")
     fsdp: bool = _opt(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 (per "

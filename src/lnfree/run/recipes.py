@@ -347,6 +347,9 @@ def describe_training(t: TrainConfig, s: SigmaRule) -> str:
     aux = f"aux {t.aux_weight:g}" + (f" ({t.aux_kind})" if t.aux_weight else "")
     special = f"; {s.special} special (k={s.outlier_factor:g})" if s.special == "outlier" else ""
     decay = f"cosine to {t.min_lr:g} at step {t.decay_steps or t.steps}"
+    if t.lora_rank:
+        special += (f"; LoRA rank {t.lora_rank} (alpha {t.lora_alpha or t.lora_rank:g}) on {t.lora_targets}, "
+                    f"{t.lora_trainable} trainable")
     return (f"lr {t.lr:g}, warmup {t.warmup_steps}, {decay}; {t.batch_tokens:,} tokens/step "
             f"({t.micro_batch} × {t.batch_tokens // (t.micro_batch * t.ctx)} × {t.ctx}); AdamW {t.betas}, "
             f"wd {t.weight_decay:g}; dropout {t.dropout:g}; {aux}; {ema}, {s.positions} positions{special}")

@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import distributed
 from ..method.aux import PER_NORM_KINDS, aux_std_loss
 from ..method.calibrate import apply_site_states
+from ..method.model_sites import collect_norm_stats, ema_step, set_sigma_rule, set_static_graph, uniformity_terms
 from ..method.schedule import Schedule
 from ..method.sigma import SigmaRule
 from ..models.base import LNModel
@@ -93,14 +94,14 @@ class Stepper:
         self.collect = mode == "lnfree" and self.sigma.collects
         model.train()
         model.gradient_checkpointing = cfg.activation_checkpointing
-        model.set_static_graph(cfg.compile)  # compiled: one graph for every site state
+        set_static_graph(model, cfg.compile)  # compiled: one graph for every site state
         self.wrapped = distributed.wrap(model, world, self.device, cfg.compile)  # FSDP2 shards `model` in place
         self.optimizer = make_optimizer(model, cfg, self.device)
 
     def start(self) -> None:
         """After calibration or a resume: σ̂ follows its rule from here, dropout as configured."""
         if self.collect:  # "call": one σ̂ update per global micro-step
-            self.model.set_sigma_rule(self.sigma, micro_batches_per_step=self.n_micro)
+            set_sigma_rule(self.model, self.sigma, micro_batches_per_step=self.n_micro)
         self.model.set_dropout(self.cfg.dropout)
 
     def begin(self, step: int) -> tuple[float, dict, list[str]]:
@@ -122,9 +123,9 @@ class Stepper:
             # dropout masks belong to the global micro-batch, whichever rank runs it (and survive a resume)
             torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
             with distributed.gradient_sync(self.wrapped, world, last=j == self.n_micro - 1):
-                with model.collect_norm_stats() if self.collect else contextlib.nullcontext(), autocast(cfg, device):
+                with collect_norm_stats(model) if self.collect else contextlib.nullcontext(), autocast(cfg, device):
                     if cfg.aux_weight > 0 and cfg.aux_kind in PER_NORM_KINDS:
-                        with model.uniformity_terms(cfg.aux_kind) as terms:
+                        with uniformity_terms(model, cfg.aux_kind) as terms:
                             logits = self.wrapped(idx)
                         aux = torch.stack(terms).mean()
                     elif cfg.aux_weight > 0:
@@ -149,7 +150,7 @@ class Stepper:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.collect and self.sigma.ema == "step":
-            self.model.ema_step(self.sigma.momentum)
+            ema_step(self.model, self.sigma.momentum)
 
     def run(self, step: int, batch: Tensor) -> float:
         """One whole step without the spike guard (what a benchmark times); returns the CE."""

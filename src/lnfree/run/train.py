@@ -34,6 +34,7 @@ from ..models import FAMILIES
 from ..models.base import LNModel
 from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_model
 from .config import TrainConfig, check_settings
+from .lora import add_adapters
 from .record import RunRecord, RunSource
 from .step import Stepper, autocast, uses_bf16
 from .tracking import StepProgress, check_reporters, open_reporters, scalars
@@ -56,7 +57,7 @@ class RunResult:
     final_loss: float
     tokens: int
     wall_seconds: float
-    model: LNModel | None  # the trained model as one ordinary module; None on ranks other than 0
+    model: LNModel | None  # the trained model as one ordinary module (LoRA merged); None on ranks other than 0
 
 
 def validation_loss(model: LNModel, batches: list[Tensor], cfg: TrainConfig, device: torch.device) -> float:
@@ -132,6 +133,10 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     main = world.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.lora_rank:  # before the optimizer and the wrappers see the parameters
+        if mode == "pretrain":
+            raise ValueError("--lora trains an update of pretrained weights; pretraining trains every weight")
+        add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_trainable, cfg.seed)
     stepper = Stepper(model, cfg, schedule, mode=mode, sigma=sigma, world=world, device=device)
     optimizer = stepper.optimizer
     history: list[float] = []
