@@ -3,6 +3,13 @@ module trees (lnfree's own GPT-2 and Llama families, built on the meta device, a
 `lnfree remove --lora` does), bytes by arithmetic. Prints a Markdown table and which card each fits.
 
     .venv/bin/python benchmarks/lora_memory.py [--ranks 16 64 256]
+    .venv/bin/python benchmarks/lora_memory.py --measure smollm2-135m [--micro-batches 1 8] [--ranks 64]
+
+`--measure SOURCE` instead starts removals of SOURCE side by side, each in a fresh process (the 400-step run of
+2,048 stdlib tokens per step at ctx 256, stopped after its first 8 steps: a schedule compressed into a few steps
+diverges on a real model), full fine-tuning and each rank at each micro-batch, and prints the run's own peak memory
+(`peak_mem_gib` in metrics.jsonl: CUDA's allocator peak, or on CPU the peak resident set from the run's start)
+and its speed, with LoRA over full fine-tuning as ratios.
 
 Training state per parameter, as lnfree trains (fp32 master weights, AdamW, bf16 autocast only for the matmuls):
 weights 4 bytes for every parameter; for every trainable one also its gradient (4) and AdamW's two moments (8).
@@ -13,6 +20,13 @@ table leaves a quarter of the card for them, a rough budget, not a measurement.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, LlamaConfig
@@ -46,10 +60,46 @@ def build(family: str, config) -> torch.nn.Module:
         return FAMILIES[family].build(hf)
 
 
+def measured(source: str, micro_batch: int, rank: int | None, folder: Path, steps: int = 8) -> tuple[float, float]:
+    """(peak GiB, median tokens/s after the first step) over the first ``steps`` steps of a removal of ``source``
+    in a fresh process."""
+    out = folder / f"mb{micro_batch}-{rank or 'full'}"
+    lora = ["--lora", str(rank)] if rank else []
+    run = subprocess.Popen([sys.executable, "-m", "lnfree.cli", "remove", source, "--data", "stdlib", "--steps", "400",
+                            "--batch-tokens", "2048", "--micro-batch", str(micro_batch), "--ctx", "256", "--dtype",
+                            "auto", "--quiet", "--out", str(out), *lora], stdout=subprocess.DEVNULL)
+    metrics, lines = out / "metrics.jsonl", []
+    while run.poll() is None and len(lines) < steps:
+        time.sleep(1)
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+    run.kill()
+    run.wait()
+    if len(lines) < steps:
+        raise SystemExit(f"the run in {out} stopped after {len(lines)} steps")
+    records = [json.loads(line) for line in lines[:steps]]
+    return max(r["peak_mem_gib"] for r in records), statistics.median(r["tokens_per_s"] for r in records[1:])
+
+
+def measure(source: str, micro_batches: list[int], ranks: list[int]) -> None:
+    print(f"| {source} | micro-batch | peak memory | tokens/s | peak / full FT's | speed / full FT's |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for micro_batch in micro_batches:
+            full = measured(source, micro_batch, None, Path(tmp))
+            for rank in [None, *ranks]:
+                peak, speed = full if rank is None else measured(source, micro_batch, rank, Path(tmp))
+                print(f"| {'full FT' if rank is None else f'LoRA r{rank}'} | {micro_batch} | {peak:.2f} GiB | "
+                      f"{speed:,.0f} | {peak / full[0]:.2f} | {speed / full[1]:.2f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--measure", metavar="SOURCE", help="measure short removal runs of this model instead")
+    ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
+    if args.measure:
+        return measure(args.measure, args.micro_batches, args.ranks)
     head = " | ".join(f"LoRA r{r}: trainable / state" for r in args.ranks)
     print(f"| model | parameters | full FT state | {head} | fits {' / '.join(f'{c} GB' for c in CARDS_GB)} "
           "(full FT; LoRA r64) |")

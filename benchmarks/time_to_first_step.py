@@ -1,5 +1,5 @@
 """Time to the first optimizer step of a removal run that reads 1% of a large corpus: a sampled token cache (the
-default, lnfree.data.sample) against tokenizing the whole split first (`--full-cache`), side by side.
+default, lnfree.data.cache) against tokenizing the whole split first (`--full-cache`), side by side.
 
 The corpus is generated here, offline: `--documents` documents (default 1M) in parquet files of 100k (so that the
 full build tokenizes files in parallel too), each a random run of lines of the Python standard library (200–2,000

@@ -1,4 +1,4 @@
-"""Sampled token caches (lnfree.data.sample): a run tokenizes a seeded random sample of documents that covers what
+"""Sampled token caches (lnfree.data.cache): a run tokenizes a seeded random sample of documents that covers what
 it reads; the sample is distributed like the whole split; the cache grows without changing what earlier runs read;
 resume stays exact across a growth."""
 

@@ -185,3 +185,35 @@ def test_device_and_dtype_are_checked_in_one_line(tiny_setup, tmp_path, capsys):
     assert _remove(tiny_setup, tmp_path / "b", "--device", "tpu9") == 2
     assert "is not a device" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_peak_memory_is_the_runs_own(tiny_setup, tmp_path):
+    """peak_mem_gib counts from the run's start: a 2 GiB array this process held (and freed) before the run must
+    not show up in it, while it still grows with what the run holds."""
+    import numpy as np
+
+    from lnfree.run.runs import run_removal
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the CPU peak is reset through Linux's /proc/self/clear_refs")
+    before = np.ones(2**28)  # 2 GiB, touched
+    del before
+    settings = {"steps": 4, "batch_tokens": 128, "micro_batch": 2, "ctx": 32, "warmup_steps": 1}
+    run_removal(str(tiny_setup["model"]), str(tiny_setup["corpus"]), tmp_path / "run", overrides=settings,
+                cache_root=tiny_setup["cache"], progress=False)
+    peaks = [r["peak_mem_gib"] for r in _records(tmp_path / "run")]
+    rss_now = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 2**20
+    assert peaks == sorted(peaks) and peaks[0] >= 0.5 * rss_now  # the run's process, at least its RSS now
+    assert peaks[-1] < rss_now + 1.0  # not the 2 GiB high-water mark from before the run
+
+
+def test_bf16_on_a_cpu_that_emulates_it_says_so(tiny_setup, tmp_path, monkeypatch, capsys):
+    """bf16 autocast on a CPU without bf16 instructions runs ~4× slower than fp32 (seen on SmolLM2): say it once."""
+    from lnfree.run import step
+
+    monkeypatch.setattr(step, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr("lnfree.run.train.native_bf16_cpu", lambda: False)
+    assert _remove(tiny_setup, tmp_path / "fp32", "--dtype", "fp32") == 0
+    assert "emulated" not in capsys.readouterr().err
+    assert _remove(tiny_setup, tmp_path / "bf16", "--dtype", "bf16") == 0
+    assert capsys.readouterr().err.count("is emulated and slower than fp32") == 1

@@ -22,43 +22,15 @@ Local sources and ``stdlib`` are split into train/val by file (a hash of the pat
 the split never depends on which other files exist.
 
 A removal run does not tokenize a whole training split: ``build_token_cache(..., need_tokens=N)`` makes or grows a
-*sampled* cache — a seeded random sample of documents covering N tokens (``lnfree.data.sample``) — and the run
+*sampled* cache — a seeded random sample of documents covering N tokens (``lnfree.data.cache``) — and the run
 reads its first N tokens (``SequenceSampler(window=...)``). Validation splits are always tokenized in full.
 """
 
 from __future__ import annotations
 
-# Public names of the former single module; ``X as X`` marks re-exports that are not in ``__all__``.
-from .cache import CACHE_FORMAT as CACHE_FORMAT
-from .cache import CACHE_FORMAT_VERSION as CACHE_FORMAT_VERSION
 from .cache import TokenCache, TokenCacheMismatchError, build_token_cache, default_cache_root
 from .sampler import SequenceSampler
-from .sources import FOLDER_EXCLUDED_DIRS as FOLDER_EXCLUDED_DIRS
-from .sources import HUB_ALIASES as HUB_ALIASES
-from .sources import MANIFEST_FILE as MANIFEST_FILE
-from .sources import OPENWEBTEXT_SPLIT_SEED as OPENWEBTEXT_SPLIT_SEED
-from .sources import OPENWEBTEXT_VAL_FRACTION as OPENWEBTEXT_VAL_FRACTION
-from .sources import ROW_SUFFIXES as ROW_SUFFIXES
-from .sources import SPLITS as SPLITS
-from .sources import STDLIB_EXCLUDED_DIRS as STDLIB_EXCLUDED_DIRS
-from .sources import TEXT_SUFFIXES as TEXT_SUFFIXES
-from .sources import TOKENS_FILE as TOKENS_FILE
-from .sources import VAL_FRACTION as VAL_FRACTION
-from .sources import (
-    DataSourceError,
-    FileDocuments,
-    HubSpec,
-    hub_aliases,
-    hub_spec,
-    iter_documents,
-    list_source_files,
-    read_file_documents,
-    split_of,
-    stdlib_root,
-)
+from .sources import MANIFEST_FILE, DataSourceError, list_source_files, read_file_documents, stdlib_root
 
-__all__: list[str] = [
-    "DataSourceError", "FileDocuments", "HubSpec", "SequenceSampler", "TokenCache", "TokenCacheMismatchError",
-    "build_token_cache", "default_cache_root", "hub_spec", "iter_documents", "hub_aliases", "list_source_files",
-    "read_file_documents", "split_of", "stdlib_root",
-]
+__all__ = ["MANIFEST_FILE", "DataSourceError", "SequenceSampler", "TokenCache", "TokenCacheMismatchError",
+           "build_token_cache", "default_cache_root", "list_source_files", "read_file_documents", "stdlib_root"]

@@ -1,8 +1,24 @@
 """Token caches: ``build_token_cache`` writes ``tokens.bin`` + ``manifest.json``; ``TokenCache`` reads them.
 
 A *whole* cache holds a split in stream order, cut at ``max_documents``/``max_tokens`` if asked, written to a temp
-file moved into place once complete; a *sampled* cache (``need_tokens``) is ``sample.py``'s. Both are tokenized by
-``writer.py``. The manifest is written last, which is what marks a cache complete; see ``lnfree.data``.
+file moved into place once complete. Both kinds are tokenized by ``writer.py``. The manifest is written last, which
+is what marks a cache complete; see ``lnfree.data``.
+
+A *sampled* cache (``need_tokens``): a run tokenizes what it will read, not the whole split.
+
+A fine-tuning run reads a known number of tokens (steps × batch tokens + calibration): for baroni2025 on GPT-2
+small, 157M of OpenWebText's ~9B. A *sampled* cache holds the documents of a seeded random permutation of the
+split, in permutation order, up to the first one at which the stream covers the need — a uniform random sample of
+documents, so the sequences cut from it are distributed like sequences of the whole split. It records how many
+documents of the permutation it holds and grows by continuing the permutation: a run that needs more extends it
+(appending; the tokens already there never change), a run that needs less reads its prefix. What a cache holds
+after reaching N tokens is the same whatever its history, and a run reads only the prefix that covers its own
+need (`SequenceSampler(window=...)`), so its data order is a function of (source, seed, need) — an LN-free run
+and its control agree, and a resume is exact even after another run extended the cache.
+
+Sampling needs random access to documents: local files (a text file is one document, a .jsonl/.parquet row is
+one) and non-streaming hub datasets such as OpenWebText (rows of its Arrow table, the nanoGPT val carve-out kept
+apart). A streaming or pre-tokenized hub dataset is read as a prefix instead (`max_tokens`),.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +41,8 @@ from tqdm.auto import tqdm
 from lnfree.jsonfile import atomic_write, read_json
 from lnfree.tokenizer import tokenizer_fingerprint
 
-from .sample import grow
 from .sources import MANIFEST_FILE, TOKENS_FILE, DataSourceError, _indexed, _resolve_source, _rows, _slug, _Source
-from .writer import Stats, pretokenized, sha256_rest, tokenized, write
+from .writer import FIRST_BLOCK, Stats, pretokenized, sha256_rest, tokenized, write
 
 CACHE_FORMAT = "lnfree-token-cache"
 CACHE_FORMAT_VERSION = 1
@@ -204,7 +220,7 @@ class _Job:
 
 
 def _sampled_cache(job: _Job, cache_root: Any, need: int, seed: int) -> TokenCache | None:
-    """The sampled cache (``sample.py``) of ``job``'s source, split and tokenizer with ``seed``, grown to cover ``need``
+    """The sampled cache of ``job``'s source, split and tokenizer with ``seed``, grown to cover ``need``
     tokens; None when the source has no random access to its documents. Runs that build or grow one cache together
     take turns through a lock in its folder."""
     key, folder = job.key(cache_root, f"-sample{seed}", sample_seed=seed)
@@ -218,13 +234,47 @@ def _sampled_cache(job: _Job, cache_root: Any, need: int, seed: int) -> TokenCac
                 index = _indexed(job.resolved, job.split, job.num_proc)
                 if index is None:
                     return None
-                manifest = grow(job, folder, manifest, index, need, seed, key)
+                manifest = _grow(job, folder, manifest, index, need, seed, key)
                 atomic_write(folder / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             cache = TokenCache.open(folder, job.tokenizer)  # under the lock: another run may append later
     finally:  # a folder made here that holds nothing (a source that cannot be read or sampled) goes again
         if cache is None and created and [p.name for p in folder.iterdir()] == [".lock"]:
             shutil.rmtree(folder, ignore_errors=True)
     return cache
+
+
+# The permutation's seed salt: a sampled cache's order must not coincide with a run's sequence order, which is
+# seeded by the same small integers.
+_SALT = 0x5A4D504C
+
+
+def _grow(job: _Job, folder: Path, manifest: dict | None, index: tuple, need: int, seed: int, key: dict) -> dict:
+    """Continue the permutation from where ``manifest`` stopped until the cache covers ``need`` tokens or the split
+    is exhausted; returns the new manifest (written last, atomically, by the caller)."""
+    n, texts = index
+    if manifest is not None and manifest["sample"]["n_units"] != n:
+        manifest = None  # the split changed under the cache: start it again
+    sample = manifest["sample"] if manifest else {"units_read": 0, "documents": 0, "empty_documents": 0}
+    stats = Stats(manifest["token_count"] if manifest else 0, sample["units_read"], sample["documents"],
+                  sample["empty_documents"])
+    have, order = stats.tokens, np.random.default_rng([_SALT, seed]).permutation(n)
+    if job.progress:
+        print(f"tokenizing a seeded sample of {job.source}:{job.split} ({n:,} documents) to {need:,} tokens "
+              f"(holds {have:,}) in {folder} (~{need * job.dtype.itemsize / 1e6:,.0f} MB)", file=sys.stderr, flush=True)
+    rows = ((text, None) for k in range(stats.rows, n, FIRST_BLOCK) for text in texts(order[k : k + FIRST_BLOCK]))
+    bar = job.bar(need, min(have, need), " (sample)")
+    with open(folder / TOKENS_FILE, "r+b" if have else "w+b") as out, bar:
+        out.truncate(have * job.dtype.itemsize)  # the tokens already there stay: hash them, then append after them
+        blocks = tokenized(rows, job.tokenizer, job.dtype, job.num_proc)
+        sha = write(out, sha256_rest(out), blocks, stats, bar, max_tokens=need, cut=False)
+    if stats.tokens == 0:
+        raise DataSourceError(f"no usable documents in {job.source!r} split {job.split!r}: every document read was "
+                              "empty, binary or not UTF-8 text; give UTF-8 text files (or a dataset with a text "
+                              "column)")
+    return job.manifest(pretokenized=False, max_documents=None, max_tokens=None, **key, token_count=stats.tokens,
+                        tokens_sha256=sha, n_documents=stats.documents,
+                        sample={"seed": seed, "n_units": n, "units_read": stats.rows, "documents": stats.documents,
+                                "empty_documents": stats.empty, "exhausted": stats.rows >= n})
 
 
 def _build(job: _Job, folder: Path, max_documents: int | None, max_tokens: int | None) -> dict[str, Any]:

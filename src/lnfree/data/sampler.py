@@ -31,7 +31,7 @@ class SequenceSampler:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.cache, self.ctx, self.seed, self.shuffle, self.window = cache, ctx, seed, shuffle, window
         # `window`: read only the first N sequences of the cache — a run's own prefix of a sampled cache that
-        # other runs may have grown since (see lnfree.data.sample)
+        # other runs may have grown since (see lnfree.data.cache)
         self.n_sequences = cache.n_sequences(ctx) if window is None else min(window, cache.n_sequences(ctx))
         if window is not None and window < 1:
             raise ValueError(f"window must be at least one sequence, got {window}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -212,11 +211,6 @@ def hub_spec(source: str) -> HubSpec | None:
     return HubSpec(source, passthrough_splits=True) if _HUB_NAME.match(source) else None
 
 
-def hub_aliases() -> list[str]:
-    """Short names accepted as sources besides ``owner/name`` (for CLI help and error messages)."""
-    return [name for name in HUB_ALIASES if "/" not in name]
-
-
 def _hub_reachable() -> bool:
     """One TCP connect to the hub endpoint: without it, datasets retries an unreachable hub for ~30 s."""
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -334,7 +328,7 @@ def _resolve_source(source: str, split: str) -> _Source:
     spec = hub_spec(source)
     if spec is None:
         raise DataSourceError(f"unknown data source {source!r}: not 'stdlib', not an existing local file/folder, and "
-                              f"not a hub name ({', '.join(hub_aliases())} or owner/name)")
+                              f"not a hub name ({', '.join(n for n in HUB_ALIASES if '/' not in n)} or owner/name)")
     return _Source("hub", spec.repo, _slug(spec.repo.replace("/", "--")), hub=spec)
 
 
@@ -386,14 +380,3 @@ def _indexed(resolved: _Source, split: str, num_proc: int) -> tuple[int, Callabl
         return rows[f][r] if r >= 0 else (read_file_documents(resolved.files[f]).documents or [""])[0]
 
     return len(units), lambda indices: [text(*units[i]) for i in indices.tolist()]
-
-
-def iter_documents(source: str, split: str = "train", max_documents: int | None = None) -> Iterator[str]:
-    """Yield the raw text documents of a source (for example to train a tokenizer on ``stdlib`` train)."""
-    resolved = _resolve_source(source, split)
-    if resolved.kind == "cache":
-        raise DataSourceError(f"{source!r} is a token cache; it holds token ids, not text")
-    column, rows = _rows(resolved, split, num_proc=1)
-    if column != "text":
-        raise DataSourceError(f"{resolved.ident!r} is pre-tokenized; it has no text documents")
-    yield from itertools.islice((text for text, _ in rows if text), max_documents)

@@ -2,8 +2,9 @@
 Biases, and the progress display — a bar on a terminal, plain lines under nohup / SLURM / CI.
 
 Reporters receive each step's metrics record flattened to scalars: loss, aux_loss, lr, grad_norm, tokens_per_s,
-frozen_sites, val_loss (when measured) and σ̂ of every site as `sigma/<site>` (a per-head site as
-`sigma/<site>/h<k>`). A resumed run purges what a reporter holds beyond its checkpoint, as metrics.jsonl does.
+peak_mem_gib (`PeakMemory`), frozen_sites, val_loss (when measured) and σ̂ of every site as `sigma/<site>` (a
+per-head site as `sigma/<site>/h<k>`). A resumed run purges what a reporter holds beyond its checkpoint, as
+metrics.jsonl does.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # torch only when a run starts: the command line's help imports this module
+    import torch
 
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -25,6 +29,39 @@ REPORTERS = ("none", "tensorboard", "wandb")
 class Reporter(Protocol):
     def log(self, step: int, values: dict[str, float]) -> None: ...
     def close(self) -> None: ...
+
+
+class PeakMemory:
+    """The run's peak memory so far, in GiB, counted from its start: on CUDA the most the caching allocator held
+    for tensors; on CPU the process's peak resident set (weights, optimizer state, activations, data and the
+    interpreter together), its high-water mark reset at the start where Linux allows (/proc/self/clear_refs),
+    else the process's peak since it began."""
+
+    def __init__(self, device: torch.device):
+        import torch
+
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+            except OSError:
+                pass
+
+    def gib(self) -> float:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(status.split("VmHWM:")[1].split()[0]) / 2**20  # kB
+        except (OSError, IndexError, ValueError):
+            import resource  # no /proc: the peak since the process started (kB on Linux, bytes on macOS)
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def scalars(record: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from .checkpoint import RunState, load_latest_readable, save_checkpoint, whole_m
 from .config import TrainConfig, check_settings
 from .lora import add_adapters
 from .record import RunRecord, RunSource
-from .step import Stepper, autocast, uses_bf16
-from .tracking import StepProgress, check_reporters, open_reporters, scalars
+from .step import Stepper, autocast, native_bf16_cpu, uses_bf16
+from .tracking import PeakMemory, StepProgress, check_reporters, open_reporters, scalars
 
 
 class Sampler(Protocol):
@@ -133,6 +134,10 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     main = world.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if device.type == "cpu" and cfg.dtype == "bf16" and not native_bf16_cpu():
+            print("lnfree: note: --dtype bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX) is emulated and "
+                  "slower than fp32 (SmolLM2 here: ~50 against ~200 tokens/s); --dtype auto takes fp32 on CPU",
+                  file=sys.stderr, flush=True)
     if cfg.lora_rank:  # before the optimizer and the wrappers see the parameters
         if mode == "pretrain":
             raise ValueError("--lora trains an update of pretrained weights; pretraining trains every weight")
@@ -164,6 +169,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
     batches = _Batches(sampler, seqs_per_step, world.rank_rows(seqs_per_step, cfg.micro_batch), device)
     reporters = open_reporters(report_to, run_dir, start, run_record.to_dict()) if main else []
     bar = StepProgress(start, schedule.total_steps, f"{mode} {run_dir.name}", enabled=progress and main)
+    peak = PeakMemory(device)
     t_start, loss_value, last_ckpt, step = time.time(), float("nan"), ckpt, start
     try:
         for step in range(start, schedule.total_steps):
@@ -187,7 +193,8 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                 frozen = sum(state.frozen for state in states.values())
                 record = {"step": step, "loss": loss_value, "aux_loss": aux_value, "lr": lr,
                           "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
-                          "grad_norm": grad_norm, "frozen_sites": frozen, "n_sites": n_sites}
+                          "peak_mem_gib": peak.gib(), "grad_norm": grad_norm, "frozen_sites": frozen,
+                          "n_sites": n_sites}
                 if val_loss is not None:
                     record["val_loss"] = val_loss
                 if mode == "lnfree":
