@@ -1,24 +1,22 @@
 """Token caches: ``build_token_cache`` writes ``tokens.bin`` + ``manifest.json``; ``TokenCache`` reads them.
 
 A *whole* cache holds a split in stream order, cut at ``max_documents``/``max_tokens`` if asked, written to a temp
-file moved into place once complete. Both kinds are tokenized by ``writer.py``. The manifest is written last, which
-is what marks a cache complete; see ``lnfree.data``.
+file moved into place once complete; a *sampled* cache (``need_tokens``, below) holds what one run will read. Both
+are tokenized by ``writer.py``, and the manifest, written last, is what marks either complete; see ``lnfree.data``.
 
-A *sampled* cache (``need_tokens``): a run tokenizes what it will read, not the whole split.
-
-A fine-tuning run reads a known number of tokens (steps × batch tokens + calibration): for baroni2025 on GPT-2
-small, 157M of OpenWebText's ~9B. A *sampled* cache holds the documents of a seeded random permutation of the
-split, in permutation order, up to the first one at which the stream covers the need — a uniform random sample of
-documents, so the sequences cut from it are distributed like sequences of the whole split. It records how many
-documents of the permutation it holds and grows by continuing the permutation: a run that needs more extends it
-(appending; the tokens already there never change), a run that needs less reads its prefix. What a cache holds
-after reaching N tokens is the same whatever its history, and a run reads only the prefix that covers its own
-need (`SequenceSampler(window=...)`), so its data order is a function of (source, seed, need) — an LN-free run
-and its control agree, and a resume is exact even after another run extended the cache.
+Sampled caches: a fine-tuning run reads a known number of tokens (steps × batch tokens + calibration): for
+baroni2025 on GPT-2 small, 157M of OpenWebText's ~9B. A *sampled* cache holds the documents of a seeded random
+permutation of the split, in permutation order, up to the first one at which the stream covers the need — a uniform
+random sample of documents, so the sequences cut from it are distributed like sequences of the whole split. It
+records how many documents of the permutation it holds and grows by continuing the permutation: a run that needs
+more extends it (appending; the tokens already there never change), a run that needs less reads its prefix. What a
+cache holds after reaching N tokens is the same whatever its history, and a run reads only the prefix that covers
+its own need (`SequenceSampler(window=...)`), so its data order is a function of (source, seed, need) — an LN-free
+run and its control agree, and a resume is exact even after another run extended the cache.
 
 Sampling needs random access to documents: local files (a text file is one document, a .jsonl/.parquet row is
 one) and non-streaming hub datasets such as OpenWebText (rows of its Arrow table, the nanoGPT val carve-out kept
-apart). A streaming or pre-tokenized hub dataset is read as a prefix instead (`max_tokens`),.
+apart). A streaming or pre-tokenized hub dataset is read as a prefix instead (`max_tokens`).
 """
 
 from __future__ import annotations
