@@ -1,10 +1,10 @@
 """Parameter-efficient removal: LoRA adapters (peft) on a model's linear maps, the base weights frozen.
 
 With `--lora R` a run trains, instead of every weight, a rank-R update B·A (scaled by alpha / R) on each targeted
-linear map of the blocks, plus the parameters `--lora-trainable` names (by default the norm gains and biases: a
-few thousand numbers, and the ones σ̂ divides before they are folded). The base weights never change, so a
-checkpoint holds only what trains (adapters, those parameters, and the σ̂ buffers); a resume rebuilds the base
-from the run's model source. The finished model merges every adapter into its weight (W += scale · B·A) and
+linear map of the blocks, plus the parameters `--lora-trainable` names (by default the norm layers' own: γ, and
+LayerNorm's β — a few thousand numbers, the ones folded into the next linear map at the end). The base weights never
+change, so a checkpoint holds only what trains (adapters, those parameters, and the σ̂ buffers); a resume rebuilds
+the base from the run's model source. The finished model merges every adapter into its weight (W += scale · B·A) and
 unwraps it, so `fold`, `verify`, every export, `compare` and `eval` see an ordinary model.
 
 The adapters are peft's own `lora.Linear` (`inject_adapter_in_model` on our modules); a family that slices a
@@ -19,10 +19,6 @@ from torch import nn
 from ..models.base import LNModel
 
 TRAINABLE_KINDS = ("none", "norms", "biases", "embeddings")
-
-
-def uses_lora(cfg) -> bool:
-    return bool(getattr(cfg, "lora_rank", 0))
 
 
 def trainable_kinds(text: str) -> set[str]:
