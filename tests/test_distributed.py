@@ -187,11 +187,12 @@ def test_rank_rows_interleave_micro_batches():
     assert torch.equal(torch.tensor(sorted(rows[0] + rows[1])), torch.arange(8))
 
 
-def test_a_lora_run_under_fsdp2_makes_the_one_process_lora_run(live, tmp_path):
-    """`--lora` under FSDP2: sharded checkpoints without the frozen base weights, adapters merged from the gathered
-    state dict — the same run as one process."""
+@pytest.mark.parametrize("wrapper", [["--fsdp"], []], ids=["fsdp2", "ddp"])
+def test_a_lora_run_under_torchrun_makes_the_one_process_lora_run(live, tmp_path, wrapper):
+    """`--lora` under FSDP2 (sharded checkpoints without the frozen base weights, adapters merged from the gathered
+    state dict) and under DDP: the same run as one process."""
     pytest.importorskip("peft")
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(_run1(live, one, "--lora", "2"))
-    _ok(_torchrun(live, two, 2, "--lora", "2", "--fsdp"))
+    _ok(_torchrun(live, two, 2, "--lora", "2", *wrapper))
     _assert_same_run(two, one)
