@@ -1,22 +1,15 @@
 """Token caches: ``build_token_cache`` writes ``tokens.bin`` + ``manifest.json``; ``TokenCache`` reads them.
 
-A *whole* cache holds a split in stream order, cut at ``max_documents``/``max_tokens`` if asked, written to a temp
-file moved into place once complete; a *sampled* cache (``need_tokens``, below) holds what one run will read. Both
-are tokenized by ``writer.py``, and the manifest, written last, is what marks either complete; see ``lnfree.data``.
-
-Sampled caches: a fine-tuning run reads a known number of tokens (steps × batch tokens + calibration): for
-baroni2025 on GPT-2 small, 157M of OpenWebText's ~9B. A *sampled* cache holds the documents of a seeded random
-permutation of the split, in permutation order, up to the first one at which the stream covers the need — a uniform
-random sample of documents, so the sequences cut from it are distributed like sequences of the whole split. It
-records how many documents of the permutation it holds and grows by continuing the permutation: a run that needs
-more extends it (appending; the tokens already there never change), a run that needs less reads its prefix. What a
-cache holds after reaching N tokens is the same whatever its history, and a run reads only the prefix that covers
-its own need (`SequenceSampler(window=...)`), so its data order is a function of (source, seed, need) — an LN-free
-run and its control agree, and a resume is exact even after another run extended the cache.
-
-Sampling needs random access to documents: local files (a text file is one document, a .jsonl/.parquet row is
-one) and non-streaming hub datasets such as OpenWebText (rows of its Arrow table, the nanoGPT val carve-out kept
-apart). A streaming or pre-tokenized hub dataset is read as a prefix instead (`max_tokens`).
+A *whole* cache holds a split in stream order (cut at ``max_documents``/``max_tokens`` if asked), written to a temp
+file that is moved into place once complete. A *sampled* cache (``need_tokens``) holds the documents of a seeded
+random permutation of the split, in permutation order, up to the first at which they cover the need: a uniform
+sample of documents, so its sequences are distributed like the whole split's. It grows by continuing the
+permutation (appending: the tokens already there never change), so what it holds at N tokens is the same whatever
+its history; a run reads only the prefix that covers its own need (``SequenceSampler(window=...)``), so its data
+order is a function of (source, seed, need): an LN-free run and its control agree, and a resume is exact after
+another run grew the cache. Sampling needs random access to documents (local files, non-streaming hub datasets such
+as OpenWebText); a streaming or pre-tokenized hub dataset is read as a prefix instead. Both kinds are tokenized by
+``writer.py``; the manifest, written last, is what marks either complete.
 """
 
 from __future__ import annotations
@@ -42,13 +35,14 @@ from lnfree.tokenizer import tokenizer_fingerprint
 from .sources import MANIFEST_FILE, TOKENS_FILE, DataSourceError, _indexed, _resolve_source, _rows, _slug, _Source
 from .writer import FIRST_BLOCK, Stats, pretokenized, sha256_rest, tokenized, write
 
-CACHE_FORMAT = "lnfree-token-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT, CACHE_FORMAT_VERSION = "lnfree-token-cache", 1
 # A cache this small is checked against its sha256 at every open (well under a second); a larger one only has
 # each batch's ids checked against the vocabulary as they are read (SequenceSampler), which catches what would
 # crash the embedding, not an in-range corruption.
 VERIFY_HASH_BYTES = 64 * 2**20
-_SKIP_EXAMPLES_KEPT = 20
+# The permutation's seed salt: a sampled cache's order must not coincide with a run's sequence order, which is
+# seeded by the same small integers.
+_SALT = 0x5A4D504C
 
 
 class TokenCacheMismatchError(ValueError):
@@ -66,6 +60,10 @@ class TokenCache:
 
     def __init__(self, path: Path, manifest: dict[str, Any], tokens: np.memmap):
         self.path, self.manifest, self.tokens = path, manifest, tokens
+        self.fingerprint, self.eot_id = manifest["tokenizer_fingerprint"], int(manifest["eot_id"])
+        self.token_count = int(manifest["token_count"])
+        self.data_id = int(manifest["tokens_sha256"][:12], 16)  # the exact stream, as a JSON-friendly 48-bit int
+        self._prefix_ids: dict[int, int] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], tokenizer: Any = None) -> TokenCache:
@@ -74,9 +72,8 @@ class TokenCache:
         manifest = _read_valid_manifest(folder)
         if manifest is None:
             raise DataSourceError(f"{folder} is not a complete lnfree token cache (no valid {MANIFEST_FILE})")
-        dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        tokens = np.memmap(folder / TOKENS_FILE, dtype=dtype, mode="r", shape=(int(manifest["token_count"]),))
-        cache = cls(folder, manifest, tokens)
+        shape, dtype = (int(manifest["token_count"]),), np.dtype(manifest["dtype"]).newbyteorder("<")
+        cache = cls(folder, manifest, np.memmap(folder / TOKENS_FILE, dtype, "r", shape=shape))
         if tokenizer is not None:
             cache.check_tokenizer(tokenizer)
         return cache
@@ -93,29 +90,12 @@ class TokenCache:
                 f"token cache {self.path} uses EOT id {self.eot_id}, but the requested tokenizer's "
                 f"eos_token_id is {tokenizer.eos_token_id}; build a new cache for this tokenizer")
 
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["tokenizer_fingerprint"]
-
-    @property
-    def eot_id(self) -> int:
-        return int(self.manifest["eot_id"])
-
-    @property
-    def token_count(self) -> int:
-        return int(self.manifest["token_count"])
-
-    @property
-    def data_id(self) -> int:
-        """48-bit int from the tokens' sha256: identifies the exact stream in JSON-friendly form."""
-        return int(self.manifest["tokens_sha256"][:12], 16)
-
     def prefix_id(self, n_tokens: int) -> int:
-        """Like `data_id`, for the first `n_tokens` tokens only (hashed once per cache object: ~1 s per GB)."""
-        cached = self.__dict__.setdefault("_prefix_ids", {})
-        if n_tokens not in cached:
-            cached[n_tokens] = int(hashlib.sha256(np.asarray(self.tokens[:n_tokens]).tobytes()).hexdigest()[:12], 16)
-        return cached[n_tokens]
+        """Like ``data_id``, for the first ``n_tokens`` tokens only (hashed once per cache object: ~1 s per GB)."""
+        if n_tokens not in self._prefix_ids:
+            digest = hashlib.sha256(np.asarray(self.tokens[:n_tokens]).tobytes()).hexdigest()
+            self._prefix_ids[n_tokens] = int(digest[:12], 16)
+        return self._prefix_ids[n_tokens]
 
     def n_sequences(self, ctx: int) -> int:
         """Number of complete, non-overlapping ``ctx``-token sequences (the incomplete tail is dropped)."""
@@ -125,15 +105,9 @@ class TokenCache:
 
     def sequence(self, i: int, ctx: int) -> np.ndarray:
         """Sequence ``i`` as int64 ids: tokens ``[i*ctx, (i+1)*ctx)`` of the stream, no BOS added."""
-        n = self.n_sequences(ctx)
-        if not 0 <= i < n:
+        if not 0 <= i < (n := self.n_sequences(ctx)):
             raise IndexError(f"sequence {i} out of range: the cache has {n} sequences of ctx={ctx}")
         return np.asarray(self.tokens[i * ctx : (i + 1) * ctx], dtype=np.int64)
-
-    def __repr__(self) -> str:
-        m = self.manifest
-        return (f"TokenCache({str(self.path)!r}, source={m['source']!r}, split={m['split']!r}, "
-                f"tokens={m['token_count']})")
 
 
 def build_token_cache(source: str, tokenizer: Any, split: str = "train", cache_root: str | os.PathLike | None = None,
@@ -206,11 +180,18 @@ class _Job:
         return {"tokenizer_fingerprint": key["tokenizer_fingerprint"], "cache_key": key,
                 "cache_key_digest": digest}, folder
 
-    def manifest(self, **fields: Any) -> dict[str, Any]:
+    def manifest(self, stats: Stats, sha: str, **fields: Any) -> dict[str, Any]:
+        """The manifest of a cache that holds ``stats``' tokens; raises when it holds none."""
+        if stats.tokens == 0:
+            examples = ", ".join(stats.skipped[:3])
+            raise DataSourceError(f"no usable documents in {self.source!r} split {self.split!r}: {len(stats.skipped)} "
+                                  f"files skipped as empty/binary/non-UTF-8{': ' + examples if examples else ''}, "
+                                  f"{stats.empty} empty rows; give UTF-8 text (or a dataset with a text column)")
         return {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "source": self.source,
                 "source_resolved": self.resolved.ident, "split": self.split,
                 "tokenizer_name": str(getattr(self.tokenizer, "name_or_path", "")), "vocab_size": len(self.tokenizer),
-                "eot_id": int(self.tokenizer.eos_token_id), "dtype": self.dtype.name, "byteorder": "little", **fields}
+                "eot_id": int(self.tokenizer.eos_token_id), "dtype": self.dtype.name, "byteorder": "little",
+                "token_count": stats.tokens, "tokens_sha256": sha, "n_documents": stats.documents, **fields}
 
     def bar(self, total: int | None, initial: int = 0, what: str = "") -> Any:
         return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not self.progress,
@@ -241,11 +222,6 @@ def _sampled_cache(job: _Job, cache_root: Any, need: int, seed: int) -> TokenCac
     return cache
 
 
-# The permutation's seed salt: a sampled cache's order must not coincide with a run's sequence order, which is
-# seeded by the same small integers.
-_SALT = 0x5A4D504C
-
-
 def _grow(job: _Job, folder: Path, manifest: dict | None, index: tuple, need: int, seed: int, key: dict) -> dict:
     """Continue the permutation from where ``manifest`` stopped until the cache covers ``need`` tokens or the split
     is exhausted; returns the new manifest (written last, atomically, by the caller)."""
@@ -263,14 +239,9 @@ def _grow(job: _Job, folder: Path, manifest: dict | None, index: tuple, need: in
     bar = job.bar(need, min(have, need), " (sample)")
     with open(folder / TOKENS_FILE, "r+b" if have else "w+b") as out, bar:
         out.truncate(have * job.dtype.itemsize)  # the tokens already there stay: hash them, then append after them
-        blocks = tokenized(rows, job.tokenizer, job.dtype, job.num_proc)
-        sha = write(out, sha256_rest(out), blocks, stats, bar, max_tokens=need, cut=False)
-    if stats.tokens == 0:
-        raise DataSourceError(f"no usable documents in {job.source!r} split {job.split!r}: every document read was "
-                              "empty, binary or not UTF-8 text; give UTF-8 text files (or a dataset with a text "
-                              "column)")
-    return job.manifest(pretokenized=False, max_documents=None, max_tokens=None, **key, token_count=stats.tokens,
-                        tokens_sha256=sha, n_documents=stats.documents,
+        sha = write(out, sha256_rest(out), tokenized(rows, job.tokenizer, job.dtype, job.num_proc), stats, bar,
+                    max_tokens=need, cut=False)
+    return job.manifest(stats, sha, pretokenized=False, max_documents=None, max_tokens=None, **key,
                         sample={"seed": seed, "n_units": n, "units_read": stats.rows, "documents": stats.documents,
                                 "empty_documents": stats.empty, "exhausted": stats.rows >= n})
 
@@ -301,15 +272,9 @@ def _build(job: _Job, folder: Path, max_documents: int | None, max_tokens: int |
         tmp.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             folder.rmdir()  # only succeeds when the build failed before anything was kept
-    if stats.tokens == 0:
-        examples = ", ".join(stats.skipped[:3])
-        raise DataSourceError(f"no usable documents in {job.source!r} split {job.split!r}: {len(stats.skipped)} "
-                              f"files skipped as empty/binary/non-UTF-8{': ' + examples if examples else ''}, "
-                              f"{stats.empty} empty rows")
-    return job.manifest(token_count=stats.tokens, n_documents=stats.documents, empty_documents=stats.empty,
-                        skipped_files=len(stats.skipped), skipped_examples=stats.skipped[:_SKIP_EXAMPLES_KEPT],
-                        pretokenized=column != "text", max_documents=max_documents, max_tokens=max_tokens,
-                        tokens_sha256=sha)
+    return job.manifest(stats, sha, empty_documents=stats.empty, skipped_files=len(stats.skipped),
+                        skipped_examples=stats.skipped[:20], pretokenized=column != "text",
+                        max_documents=max_documents, max_tokens=max_tokens)
 
 
 def _read_valid_manifest(folder: Path) -> dict[str, Any] | None:

@@ -17,37 +17,32 @@ if TYPE_CHECKING:  # torch is imported lazily so tokenizer worker processes star
 class SequenceSampler:
     """Deterministic batches of ``ctx``-token sequences from a ``TokenCache``.
 
-    With ``shuffle=True`` each epoch visits every sequence once, in a permutation drawn from a numpy
-    Generator seeded by ``(seed, epoch)``; ``next_batch`` runs across epoch boundaries forever. The cursor
-    (epoch, position) is all the state there is, so ``state_dict``/``load_state_dict`` (plain ints, saved
-    as JSON in checkpoints) make a resumed run see exactly the batches the uninterrupted run would have.
-    With ``shuffle=False`` the order is the stream order, for evaluation via ``iter_batches``.
+    With ``shuffle=True`` each epoch visits every sequence once, in a permutation seeded by ``(seed, epoch)``, and
+    ``next_batch`` runs across epoch boundaries forever. The cursor (epoch, position) is all the state there is, so
+    ``state_dict``/``load_state_dict`` (plain ints, JSON in checkpoints) make a resumed run see exactly the batches
+    the uninterrupted run would have. ``shuffle=False`` keeps stream order, for evaluation (``iter_batches``).
+    ``window`` reads only the first N sequences: a run's own prefix of a sampled cache that other runs may have
+    grown since (see ``lnfree.data.cache``).
     """
 
     def __init__(self, cache: TokenCache, ctx: int, seed: int = 0, shuffle: bool = True, window: int | None = None):
-        if ctx < 2:
-            raise ValueError(f"ctx must be at least 2 (a sequence needs one prediction), got {ctx}")
-        if seed < 0:
-            raise ValueError(f"seed must be non-negative, got {seed}")
+        for name, value, least in (("ctx", ctx, 2), ("seed", seed, 0), ("window", 1 if window is None else window, 1)):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
         self.cache, self.ctx, self.seed, self.shuffle, self.window = cache, ctx, seed, shuffle, window
-        # `window`: read only the first N sequences of the cache — a run's own prefix of a sampled cache that
-        # other runs may have grown since (see lnfree.data.cache)
         self.n_sequences = cache.n_sequences(ctx) if window is None else min(window, cache.n_sequences(ctx))
-        if window is not None and window < 1:
-            raise ValueError(f"window must be at least one sequence, got {window}")
         if self.n_sequences == 0:
             raise ValueError(f"{cache.path} has {cache.token_count} tokens, fewer than one sequence of ctx={ctx}")
-        self.epoch = 0
-        self.position = 0  # index into the current epoch's order of the next sequence to hand out
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self.epoch = self.position = 0  # position: index into the epoch's order of the next sequence to hand out
+        self._order: tuple[int, np.ndarray] | None = None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sequence indices of ``epoch`` in visiting order."""
         if not self.shuffle:
             return np.arange(self.n_sequences)
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
-        return self._order_cache[1]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_sequences))
+        return self._order[1]
 
     def next_batch(self, n: int) -> torch.Tensor:
         """The next ``n`` sequences as a LongTensor of shape (n, ctx); advances the cursor."""
@@ -60,17 +55,16 @@ class SequenceSampler:
             raise ValueError(f"batch size must be positive, got {n}")
         parts = []
         while n:
-            taken = self.epoch_order(self.epoch)[self.position : self.position + n]
-            parts.append(taken)
-            self.position += len(taken)
-            n -= len(taken)
+            parts.append(self.epoch_order(self.epoch)[self.position : self.position + n])
+            self.position += len(parts[-1])
+            n -= len(parts[-1])
             if self.position == self.n_sequences:
                 self.epoch, self.position = self.epoch + 1, 0
         return np.concatenate(parts)
 
     def iter_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """One pass over every sequence in epoch-0 order (stream order when ``shuffle=False``), in
-        (batch_size, ctx) batches, the last one smaller when the count does not divide. Does not move the cursor."""
+        """One pass over every sequence in epoch-0 order (stream order when ``shuffle=False``), in (batch_size, ctx)
+        batches, the last one smaller when the count does not divide. Does not move the cursor."""
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         order = self.epoch_order(0)
@@ -90,13 +84,12 @@ class SequenceSampler:
                     "--resume: the tokens this run reads differ from those it started on (the data or the "
                     f"tokenizer changed since: {name} {state[name]} then, {mine} now); resume with the same data "
                     "and model, or start a new run")
-        position = int(state["position"])
-        if not 0 <= position < self.n_sequences:
-            raise ValueError(f"sampler state position {position} out of range [0, {self.n_sequences})")
+        if not 0 <= int(state["position"]) < self.n_sequences:
+            raise ValueError(f"sampler state position {state['position']} out of range [0, {self.n_sequences})")
         # The saved seed/shuffle win: the point of resuming is to continue the saved run's order.
-        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
-        self.epoch, self.position = int(state["epoch"]), position
-        self._order_cache = None
+        self.seed, self.shuffle, self.epoch, self.position = (int(state["seed"]), bool(state["shuffle"]),
+                                                              int(state["epoch"]), int(state["position"]))
+        self._order = None
 
     @property
     def data_id(self) -> int:

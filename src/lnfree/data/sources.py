@@ -1,11 +1,11 @@
 """Where documents come from: ``stdlib``, local files and folders, hub datasets, existing token caches.
 
 Hub datasets are ``datasets`` datasets (streamed where they are too large to download), loaded offline at once
-when the hub is unreachable. Local files are read here, by hand, because the protocol is defined on them — one
-document per text file or .jsonl/.parquet row, empty/binary/non-UTF-8 files skipped and counted, train/val by a
-hash of the path — and because a sampled cache reads only the files it samples, where ``load_dataset("text")``
-would first copy the whole folder into the HF cache under its own decoding rules. Either way a source ends up as
-rows of text that ``cache.py`` tokenizes with ``Dataset.map``. See ``lnfree.data`` for the protocol.
+when the hub is unreachable. Local files are read here because the protocol is defined on them (one document per
+text file or .jsonl/.parquet row; empty, binary and non-UTF-8 files skipped and counted; train/val by a hash of the
+path), and because a sampled cache reads only the files it samples, where ``load_dataset("text")`` would first copy
+the whole folder into the HF cache under its own decoding rules. Either way a source ends up as rows of text that
+``writer.py`` tokenizes. See ``lnfree.data`` for the protocol.
 """
 
 from __future__ import annotations
@@ -25,21 +25,13 @@ from typing import Any
 
 from lnfree.tokenizer import _first_line
 
-VAL_FRACTION = 0.03
-SPLITS = ("train", "val", "all")
-TEXT_SUFFIXES = (".txt", ".py", ".md")
-ROW_SUFFIXES = (".jsonl", ".parquet")
+VAL_FRACTION, SPLITS = 0.03, ("train", "val", "all")
+TEXT_SUFFIXES, ROW_SUFFIXES = (".txt", ".py", ".md"), (".jsonl", ".parquet")
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-FOLDER_EXCLUDED_DIRS = frozenset({"__pycache__"})
 # The token cache's file names, here because an existing cache folder is itself a valid source.
-TOKENS_FILE = "tokens.bin"
-MANIFEST_FILE = "manifest.json"
+TOKENS_FILE, MANIFEST_FILE = "tokens.bin", "manifest.json"
 # nanoGPT's openwebtext split, used by both papers: val is 0.05% of the hub "train" split.
-OPENWEBTEXT_VAL_FRACTION = 0.0005
-OPENWEBTEXT_SPLIT_SEED = 2357
-
-_HUB_BATCH_ROWS = 1000
-_HUB_PROBE_TIMEOUT_S = 3.0
+OPENWEBTEXT_VAL_FRACTION, OPENWEBTEXT_SPLIT_SEED = 0.0005, 2357
 _OFFLINE_HINT = "offline sources that work: 'stdlib' or a local file/folder of .txt/.py/.md/.jsonl/.parquet"
 
 
@@ -74,7 +66,7 @@ def _local_files(source: str, split: str) -> tuple[Path, list[Path], list[Path]]
             raise DataSourceError(f"unsupported file type {path.suffix!r} for {path}; use .txt/.py/.md/.jsonl/.parquet")
         root, files = path.parent, [path]
     elif path.is_dir():
-        root, files = path, _walk_files(path, TEXT_SUFFIXES + ROW_SUFFIXES, FOLDER_EXCLUDED_DIRS)
+        root, files = path, _walk_files(path, TEXT_SUFFIXES + ROW_SUFFIXES, frozenset({"__pycache__"}))
     else:
         raise DataSourceError(f"no local file or folder {source!r}")
     if split not in SPLITS:
@@ -108,25 +100,21 @@ class FileDocuments:
 
 def read_file_documents(path: Path) -> FileDocuments:
     """Read one source file: whole-file text for .txt/.py/.md, one document per row for .jsonl/.parquet."""
-    path = Path(path)
+    path, result = Path(path), FileDocuments(Path(path))
     if path.suffix.lower() == ".parquet":
-        rows, reason = _parquet_rows(path)
+        rows, result.skip_reason = _parquet_rows(path)
     else:
-        text, reason = _decode(path.read_bytes())
-        rows = _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else None
-    if reason is not None:
-        return FileDocuments(path, skip_reason=reason)
-    if rows is None:
-        return FileDocuments(path, [text])
-    result = FileDocuments(path)
-    for where, value in rows:
-        if value is None or value == "":
-            result.empty_documents += 1
-        elif isinstance(value, str):
+        text, result.skip_reason = _decode(path.read_bytes())
+        rows = _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else iter([(str(path), text)])
+    for where, value in rows if result.skip_reason is None else ():
+        if not isinstance(value, str | None):
+            raise DataSourceError(f"{where}: 'text' must be a string, got {type(value).__name__}")
+        if value:
             result.documents.append(value)
         else:
-            raise DataSourceError(f"{where}: 'text' must be a string, got {type(value).__name__}")
-    result.skip_reason = None if result.documents else "no non-empty 'text' rows"
+            result.empty_documents += 1
+    if result.skip_reason is None and not result.documents:
+        result.skip_reason = "no non-empty 'text' rows"
     return result
 
 
@@ -156,15 +144,15 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{lineno}", row["text"]
 
 
-def _parquet_rows(path: Path) -> tuple[Iterator[tuple[str, Any]] | None, str | None]:
+def _parquet_rows(path: Path) -> tuple[Iterator[tuple[str, Any]], str | None]:
     import pyarrow.parquet as pq  # a dependency of datasets
 
     try:
         names = pq.read_schema(path).names if path.stat().st_size else None
     except Exception:  # noqa: BLE001 - any parse failure means "not parquet": skip and count it
-        return None, "not a readable parquet file"
+        return iter(()), "not a readable parquet file"
     if names is None:
-        return None, "empty"
+        return iter(()), "empty"
     if "text" not in names:
         raise DataSourceError(f"{path}: parquet file has no 'text' column (columns: {names})")
     values = pq.read_table(path, columns=["text"]).column("text").to_pylist()
@@ -173,15 +161,14 @@ def _parquet_rows(path: Path) -> tuple[Iterator[tuple[str, Any]] | None, str | N
 
 # ------------------------------------------------------------------------------------------------ hub datasets
 
-_GENERIC_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train",), "val": ("validation", "val", "test")}
-
 
 @dataclass(frozen=True)
 class HubSpec:
     """How to read one hub dataset. ``splits`` maps an lnfree split to hub splits tried in order."""
 
     repo: str
-    splits: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(_GENERIC_SPLITS))
+    splits: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"train": ("train",), "val": ("validation", "val", "test")})
     streaming: bool = False
     carve_val_from_train: bool = False  # openwebtext only has "train"; val is carved out like nanoGPT
     expected_vocab: int | None = None  # pre-tokenized data: the vocabulary size its ids come from
@@ -198,17 +185,9 @@ _APOLLO_PILE_GPT2 = HubSpec("apollo-research/monology-pile-uncopyrighted-tokeniz
 # GPT-2 `input_ids` (concatenated as stored, then chunked), so we do too when the column is there.
 _PILE_FILTERED = HubSpec("lucabaroni/apollo-pile-filtered-10k", splits={"val": ("validation", "test", "train")},
                          expected_vocab=50257, prefer_ids=True)
-HUB_ALIASES: dict[str, HubSpec] = {"openwebtext": _OPENWEBTEXT, _OPENWEBTEXT.repo: _OPENWEBTEXT, "pile": _PILE,
-                                   _PILE.repo: _PILE, _APOLLO_PILE_GPT2.repo: _APOLLO_PILE_GPT2,
-                                   "pile-filtered": _PILE_FILTERED, _PILE_FILTERED.repo: _PILE_FILTERED}
+HUB_ALIASES: dict[str, HubSpec] = {"openwebtext": _OPENWEBTEXT, "pile": _PILE, "pile-filtered": _PILE_FILTERED,
+                                   **{s.repo: s for s in (_OPENWEBTEXT, _PILE, _APOLLO_PILE_GPT2, _PILE_FILTERED)}}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_spec(source: str) -> HubSpec | None:
-    """The reading recipe for a hub name or alias, or None when ``source`` does not look like one."""
-    if source in HUB_ALIASES:
-        return HUB_ALIASES[source]
-    return HubSpec(source, passthrough_splits=True) if _HUB_NAME.match(source) else None
 
 
 def _hub_reachable() -> bool:
@@ -218,7 +197,7 @@ def _hub_reachable() -> bool:
     url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=_HUB_PROBE_TIMEOUT_S):
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=3.0):
             return True
     except OSError:
         return False
@@ -272,8 +251,7 @@ def _load_hub_split(spec: HubSpec, split: str, num_proc: int) -> Any:
     if spec.carve_val_from_train:
         if split not in ("train", "val"):
             raise DataSourceError(f"{spec.repo!r} supports splits 'train' and 'val', not {split!r}")
-        parts = load("train").train_test_split(test_size=OPENWEBTEXT_VAL_FRACTION, seed=OPENWEBTEXT_SPLIT_SEED,
-                                               shuffle=True)
+        parts = load("train").train_test_split(test_size=OPENWEBTEXT_VAL_FRACTION, seed=OPENWEBTEXT_SPLIT_SEED)
         return parts["test" if split == "val" else "train"]
     candidates = spec.splits.get(split) or ((split,) if spec.passthrough_splits else ())
     if not candidates:
@@ -293,6 +271,9 @@ def _hub_column(dataset: Any, spec: HubSpec) -> str:
         if column in columns:
             return column
     raise DataSourceError(f"hub dataset {spec.repo!r} has neither a 'text' nor an 'input_ids' column: {columns}")
+
+
+# ------------------------------------------------------------------------------------------------ any source
 
 
 @dataclass(frozen=True)
@@ -325,7 +306,7 @@ def _resolve_source(source: str, split: str) -> _Source:
             digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         ident = "stdlib" if source == "stdlib" else str(local.resolve())
         return _Source("files", ident, _slug(Path(ident).name), root, tuple(selected), None, digest.hexdigest()[:16])
-    spec = hub_spec(source)
+    spec = HUB_ALIASES.get(source) or (HubSpec(source, passthrough_splits=True) if _HUB_NAME.match(source) else None)
     if spec is None:
         raise DataSourceError(f"unknown data source {source!r}: not 'stdlib', not an existing local file/folder, and "
                               f"not a hub name ({', '.join(n for n in HUB_ALIASES if '/' not in n)} or owner/name)")
@@ -343,10 +324,8 @@ def _rows(resolved: _Source, split: str, num_proc: int) -> tuple[str, Iterator[A
         return "text", _file_rows(resolved)
     dataset = _load_hub_dataset(resolved.hub, split, num_proc)
     column = _hub_column(dataset, resolved.hub)
-    rows = (row for batch in dataset.select_columns([column]).iter(batch_size=_HUB_BATCH_ROWS) for row in batch[column])
-    if column == "text":
-        rows = ((text, None) for text in rows)
-    return column, rows
+    rows = (row for batch in dataset.select_columns([column]).iter(batch_size=1000) for row in batch[column])
+    return column, ((text, None) for text in rows) if column == "text" else rows
 
 
 def _file_rows(resolved: _Source) -> Iterator[tuple[str, str | None]]:
