@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -117,3 +119,18 @@ def test_a_truncated_weights_file_is_one_line_everywhere(tmp_path, dirs, capsys)
         err = capsys.readouterr().err.strip()
         assert err.startswith("lnfree: error: a weights file is unreadable") and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_logits_fail_verify_and_export_instead_of_reading_as_zero_error(tmp_path, dirs, capsys):
+    """A norm-free model whose activations overflow on random tokens (a LoRA run on SmolLM2 gave one: an EOT token
+    grew to inf by block 20) must not pass with its errors read as 0: max() over floats drops a NaN."""
+    model = load_norm_free(dirs["folded"]).model
+    with torch.no_grad():
+        model.output_projections()[0][0].weight[0, 0] = float("inf")  # block 0's attention output overflows
+    save_model(model, tmp_path / "overflows")
+    report = verify(tmp_path / "overflows")
+    assert not report.passed and math.isnan(report.dla_max_abs_error)
+    assert any("logits are not finite" in f for f in report.failures), report.failures
+    assert all(v == "skipped: non-finite logits" for v in report.exports.values())
+    assert main(["export", str(tmp_path / "overflows"), "--out", str(tmp_path / "out")]) != 0
+    assert "nan" in capsys.readouterr().err and not (tmp_path / "out").exists()

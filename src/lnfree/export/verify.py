@@ -61,7 +61,11 @@ class VerifyReport:
             sites = f"{len(self.live_sites)} live norm site(s) ({_preview(self.live_sites)})" if self.live_sites else ""
             mods = f"normalization modules {_preview(self.norm_modules)}" if self.norm_modules else ""
             out.append("normalization remains: " + "; ".join(x for x in (sites, mods) if x))
-        if not (self.dla_max_abs_error <= DLA_ABS_TOL and self.dla_relative_error <= DLA_REL_TOL):
+        if math.isnan(self.dla_max_abs_error):
+            out.append("the logits are not finite (NaN or inf in float64) on the check's random token batches: an "
+                       "activation overflows, so the model is unstable off its training text, and neither DLA nor "
+                       "export parity can be measured")
+        elif not (self.dla_max_abs_error <= DLA_ABS_TOL and self.dla_relative_error <= DLA_REL_TOL):
             out.append(f"direct logit attribution is not exact: DLA differs from the direct effect by "
                        f"{100 * self.dla_relative_error:.1f}% (relative), and the linear decomposition misses the "
                        f"logits by up to {self.dla_max_abs_error:.3g}")
@@ -124,7 +128,7 @@ def _read_out(model: LNModel, resid: Tensor) -> tuple[Tensor, Tensor, Callable[[
 @torch.no_grad()
 def dla_errors(model: LNModel, batches: list[Tensor]) -> tuple[float, float]:
     """(max-abs error of the linear logit decomposition, relative DLA-vs-direct-effect error)."""
-    max_abs, num, den = 0.0, 0.0, 0.0
+    max_abs, num, den = torch.zeros((), dtype=torch.float64), 0.0, 0.0
     for idx in batches:
         cache: dict[str, Tensor] = {}
         logits = model(idx, cache=cache)  # (B, T, V)
@@ -133,13 +137,13 @@ def dla_errors(model: LNModel, batches: list[Tensor]) -> tuple[float, float]:
         w_u, b_u, readout, final = _read_out(model, resid)
         attributed = readout(comps)  # (N, B, T, D)
         decomposed = torch.einsum("nbtd,vd->btv", attributed, w_u) + b_u
-        max_abs = max(max_abs, (decomposed - logits).abs().max().item())
+        max_abs = torch.maximum(max_abs, (decomposed - logits).abs().max())  # NaN logits stay NaN
         w_top = w_u[logits.argmax(-1)]  # (B, T, D): attribute the predicted token's logit
         dla = (attributed * w_top).sum(-1)  # (N, B, T)
         de = (final(resid) * w_top).sum(-1) - (final(resid.unsqueeze(0) - comps) * w_top).sum(-1)  # (N, B, T)
         num += (dla - de).abs().sum().item()
         den += de.abs().sum().item()
-    return max_abs, num / max(den, 1e-30)
+    return max_abs.item(), num / max(den, 1e-30)
 
 
 # ---- (c) exports ----------------------------------------------------------------------------------------------
@@ -175,10 +179,11 @@ def verify(model_or_path: LNModel | str | os.PathLike, exports: bool = True,
         model, _ = as_norm_free(model, name)  # frozen, no specials: fold, then check what is left
     batches = batches if batches is not None else sample_batches(model)
     max_abs, rel = dla_errors(copy.deepcopy(model).double(), batches)  # float64: exactness, not rounding
-    report = VerifyReport(str(name), normalization_modules(model), sites, max_abs,
-                          rel if math.isfinite(rel) else float("inf"))
+    report = VerifyReport(str(name), normalization_modules(model), sites, max_abs, rel)
     if exports:
-        if sites:
+        if math.isnan(max_abs):
+            report.exports = {f: "skipped: non-finite logits" for f in FORMATS}
+        elif sites:
             report.exports = {f: "skipped: live normalization" for f in FORMATS}
         else:
             report.exports, report.export_gates = export_parity(model)
