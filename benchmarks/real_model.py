@@ -9,6 +9,11 @@
     cliff    — a removal run's checkpoint in its scheduled state: held-out CE as every frozen site's special is
                turned down (weights 1 → 0) and with the outlier cap raised (k = 2, 4, 8), position 0's ratio, and at
                a chosen weight the largest token norms per block — where a token runs away through frozen blocks
+    branch   — a new run folder that continues a removal run from one of its checkpoints with another ease-out of
+               the outlier specials (`--bos-ramp`, `--bos-power`, ending `--tail` steps before the run's end): the
+               checkpoint, metrics up to it and run.json are copied, the schedule in run.json edited; then
+               `lnfree remove ... --resume --out BRANCH` (the run's own command) trains it, so ease-out variants
+               start from one trained state instead of each costing a whole run
     table    — run folders side by side with the original: CE of original / control / norm-free on held-out text,
                gap, fraction of the freeze-all cost recovered (measured here: plain freeze-all, or with the outlier
                special where plain is not finite), tokens, wall time, and the position-0 ratio per block before
@@ -18,6 +23,7 @@
     .venv/bin/python benchmarks/real_model.py table smollm2-135m RUN... --control RUN_CONTROL --out results/smollm2
     .venv/bin/python benchmarks/real_model.py warm smollm2-135m --tokens 2048 --steps 50
     .venv/bin/python benchmarks/real_model.py cliff smollm2-135m runs/smollm2/RUN/checkpoints/step_00000250
+    .venv/bin/python benchmarks/real_model.py branch runs/smollm2/RUN 250 runs/smollm2/BRANCH --bos-ramp 40
 
 No assertions: this is a measurement. CE uses `lnfree eval`'s protocol (stdlib-val, fp32, no BOS).
 """
@@ -288,6 +294,33 @@ def plot_position0(ratios: dict[str, list[float]], path: Path, title: str) -> No
     plt.close(fig)
 
 
+def branch(args) -> None:
+    import shutil
+
+    run, out = Path(args.run), Path(args.branch_out)
+    checkpoint = run / "checkpoints" / f"step_{args.step:08d}"
+    if not checkpoint.is_dir():
+        raise SystemExit(f"{run} has no checkpoint at step {args.step}")
+    if out.exists():
+        raise SystemExit(f"{out} exists; pick a new folder")
+    record = json.loads((run / "run.json").read_text())
+    schedule = record["schedule"]
+    off = schedule["total_steps"] - args.tail
+    if off - args.bos_ramp < args.step - 1:
+        raise SystemExit(f"an ease of {args.bos_ramp} steps ending at step {off} starts before the checkpoint")
+    schedule.update(bos_off={site: off for site in schedule["bos_off"]}, bos_ramp=args.bos_ramp,
+                    bos_power=args.bos_power)
+    schedule["notes"] = [*schedule.get("notes", []), f"branched from {run} at step {args.step} "
+                         f"(benchmarks/real_model.py branch): specials eased over {args.bos_ramp} steps to step {off}"]
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] < args.step))
+    print(f"{out}: from step {args.step} of {run}; specials eased over steps {off - args.bos_ramp}–{off}, power "
+          f"{args.bos_power}; continue it with the run's own command plus --resume --out {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
@@ -312,6 +345,14 @@ def main() -> None:
     c.add_argument("checkpoint", help="a removal run's checkpoints/step_N folder")
     c.add_argument("--weight", type=float, default=0.25, help="special weight at which token norms are traced")
     c.set_defaults(func=cliff)
+    b = sub.add_parser("branch")
+    b.add_argument("run")
+    b.add_argument("step", type=int, help="the checkpoint step to branch from")
+    b.add_argument("branch_out")
+    b.add_argument("--bos-ramp", type=int, required=True, help="ease the outlier specials out over this many steps")
+    b.add_argument("--bos-power", type=float, default=2.0, help="weight (steps left / ramp) ** power")
+    b.add_argument("--tail", type=int, default=36, help="steps at weight 0 before the run's end")
+    b.set_defaults(func=branch)
     for q in (p, t, w, c):
         q.add_argument("--out", default="results/real-model")
         q.add_argument("--ctx", type=int, default=256)
