@@ -8,10 +8,12 @@ analog's fine-tuning lr over GPT-2's 6e-4). The vanilla control of a preset is t
 and without the auxiliary loss; presets whose controls would be identical share one. Prints a Markdown table
 (mean ± SD over seeds) and writes analog_bench.json. No assertions: this is a measurement.
 
-    .venv/bin/python benchmarks/analog.py --seeds 0 1 2 [--hard] [--methods ...] [--lora 16 64] [--out DIR]
+    .venv/bin/python benchmarks/analog.py --seeds 0 1 2 [--hard] [--methods ...] [--lora 16 64] [--distill 1]
+                                          [--out DIR]
 
 With `--lora R …` every method is also run with LoRA at each rank (its control too, at the same rank), and a
-second table sets each against full fine-tuning: CE, gap, trainable parameters, wall time.
+second table sets each against full fine-tuning: CE, gap, trainable parameters, wall time. With `--distill W …`
+every method is also run with distillation from the original at each weight (`--distill-weight`; the same control).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="training dtype (bf16: autocast, also on "
                     "CPU); evaluation is fp32 either way")
     ap.add_argument("--lora", type=int, nargs="*", default=[], help="also run each method with LoRA at these ranks")
+    ap.add_argument("--distill", type=float, nargs="*", default=[],
+                    help="also run each method with --distill-weight at these weights")
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="analog-bench-")))
     args = ap.parse_args()
 
@@ -93,8 +97,9 @@ def main() -> None:
     n_layer, steps = cfg.n_layer, cfg.ft_steps()
     budget = {"steps": steps, "batch_tokens": cfg.pretrain.batch_tokens, "micro_batch": cfg.pretrain.micro_batch,
               "ctx": cfg.ctx, "dtype": args.dtype}
-    rows = [(m, 0) for m in args.methods] + [(m, r) for r in args.lora for m in args.methods]  # (method, rank)
-    label = lambda m, r: m if not r else f"{m} +lora{r}"
+    rows = ([(m, 0, 0.0) for m in args.methods] + [(m, r, 0.0) for r in args.lora for m in args.methods]
+            + [(m, 0, w) for w in args.distill for m in args.methods])  # (method, LoRA rank, distillation weight)
+    label = lambda m, r, w=0.0: m + (f" +lora{r}" if r else "") + (f" +kd{w:g}" if w else "")
     ce: dict[str, list[float]] = {label(*row): [] for row in rows}
     controls: dict[str, list[float]] = {label(*row): [] for row in rows}
     trainable: dict[str, int] = {}
@@ -102,18 +107,20 @@ def main() -> None:
     t0 = time.time()
     for seed in args.seeds:
         control_ce: dict[str, float] = {}  # one control per distinct set of training settings
-        for name, rank in rows:
+        for name, rank, weight in rows:
             recipe = get_recipe(name, n_layer)
             over = {**budget, "seed": seed, "lr": recipe.train.lr * args.lr_scale,
-                    "min_lr": recipe.train.min_lr * args.lr_scale, **({"lora_rank": rank} if rank else {})}
-            key = json.dumps(asdict(replace(removal_plan(n_layer, name, over).train, aux_weight=0.0)), sort_keys=True)
+                    "min_lr": recipe.train.min_lr * args.lr_scale, **({"lora_rank": rank} if rank else {}),
+                    **({"distill_weight": weight} if weight else {})}
+            control_train = replace(removal_plan(n_layer, name, over).train, aux_weight=0.0, distill_weight=0.0)
+            key = json.dumps(asdict(control_train), sort_keys=True)
             folder = args.out / f"seed{seed}"
             if key not in control_ce:
                 run_dir = folder / f"control-{len(control_ce)}"
                 run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over, control=True,
                             cache_root=cache / "tokens", progress=False)
                 control_ce[key] = val_ce(load_model(run_dir / "final"), val, "control")["mean"]
-            row = label(name, rank)
+            row = label(name, rank, weight)
             run_dir = folder / row.replace(" +", "-")
             result = run_removal(str(original), "stdlib", run_dir, preset=name, overrides=over,
                                  cache_root=cache / "tokens", progress=False)
@@ -137,7 +144,7 @@ def main() -> None:
     if args.lora:
         print("\n| preset | trainable parameters | LN-free CE − full fine-tuning's (paired) | against full FT's "
               "control | wall per run |\n|---|---|---|---|---|")
-        for name, rank in rows:
+        for name, rank, _ in (row for row in rows if row[1]):
             row, full = label(name, rank), label(name, 0)
             vs_full = [a - b for a, b in zip(ce[row], ce[full], strict=True)]
             vs_control = [a - b for a, b in zip(ce[row], controls[full], strict=True)]

@@ -27,7 +27,8 @@ RUN_ARGS = ["--steps", "12", "--batch-tokens", str(4 * CTX), "--micro-batch", "2
 
 # A preset whose 12 steps keep sites live, freezes pending and specials weighted past the kill point (step 7;
 # the resume starts from the checkpoint at 6), with every kind of state a resume must restore: per-call EMA with
-# shared ln_1 σ̂ ($LNFREE_TEST_EMA=step: per step), position-0 and EOT specials eased out, dropout, the auxiliary loss.
+# shared ln_1 σ̂ ($LNFREE_TEST_EMA=step: per step), position-0 and EOT specials eased out, dropout, the auxiliary loss,
+# distillation from the original (which a resume must load as the original, not as the checkpoint's model).
 _LIVE_PRESET = """
 import os, sys
 from lnfree.run import recipes
@@ -37,7 +38,8 @@ from lnfree.method.sigma import SigmaRule
 spec = RemovalSpec(start=3, gaps={"ln2": 1, "ln1qk": 1, "ln1v": 1}, eot_after=1, bos_after=1, tail=1,
                    eot_kinds=SITE_KINDS, bos_kinds=SITE_KINDS, eot_ramp=1, bos_ramp=2)
 rule = SigmaRule(ema=os.environ.get("LNFREE_TEST_EMA", "call"), momentum=0.5, v_reads=2, tracking="norm")
-recipes.PRESETS["live"] = lambda n: Recipe("live", spec, TrainConfig(steps=12, dropout=0.1, aux_weight=0.1), rule)
+recipes.PRESETS["live"] = lambda n: Recipe("live", spec, TrainConfig(steps=12, dropout=0.1, aux_weight=0.1,
+                                                                                 distill_weight=0.5), rule)
 from lnfree.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -62,7 +64,7 @@ def test_lnfree_and_control_share_the_data_order(tiny_setup, tmp_path):
     lnfree, control = tmp_path / "lnfree", tmp_path / "control"
     out = _remove(tiny_setup, lnfree, "--preset", "baroni2025")
     assert "rescaled from the preset's" in out.stdout  # 12 steps instead of the preset's length
-    _remove(tiny_setup, control, "--control")
+    _remove(tiny_setup, control, "--control", "--distill-weight", "0.5")
     a, b = _losses(lnfree), _losses(control)
     assert len(a) == len(b) == 12
     assert a[0] == b[0]  # step 0: nothing frozen yet, same model, same batch
@@ -80,9 +82,12 @@ def test_lnfree_and_control_share_the_data_order(tiny_setup, tmp_path):
     # the LN-free plot is redrawn when its control finishes, so it shows both curves
     assert (lnfree / "loss.png").stat().st_mtime >= (control / "metrics.jsonl").stat().st_mtime
     assert (lnfree / "final" / "tokenizer.json").exists()
-    # the control is the same run without removal and without the auxiliary loss, which belongs to the removal
-    aux = lambda d: json.loads((d / "run.json").read_text())["train"]["aux_weight"]
-    assert aux(lnfree) == 0.1 and aux(control) == 0.0
+    # the control is the same run without removal and without the auxiliary and distillation losses, which belong
+    # to the removal
+    train = lambda d: json.loads((d / "run.json").read_text())["train"]
+    assert train(lnfree)["aux_weight"] == 0.1 and train(control)["aux_weight"] == 0.0
+    assert train(control)["distill_weight"] == 0.0
+    assert "distill_loss" not in json.loads((control / "metrics.jsonl").read_text().splitlines()[0])
 
 
 def test_sigkill_while_sites_are_live_then_resume_repeats_the_run_exactly(tiny_setup, tmp_path):

@@ -249,3 +249,45 @@ def test_compiled_removal_keeps_one_graph_across_site_switches(model_dir, tmp_pa
     assert counters["stats"]["unique_graphs"] == 1
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+
+
+def test_distillation_adds_the_weighted_forward_kl_to_the_original(model_dir):
+    """--distill-weight w: each micro-batch's loss is CE + w · KL(original ‖ model), the KL between next-token
+    distributions averaged over every position, the original (teacher) with every norm live and untouched. The
+    step's gradient and reported figure are checked against that formula written out by hand."""
+    from lnfree.run.step import Stepper
+
+    model = load_model(model_dir)
+    teacher = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a model that has drifted from the original
+        for p in model.parameters():
+            p.add_(0.1 * p.std() * torch.randn_like(p))
+    rule = SigmaRule(ema="step", momentum=0.5, tracking="norm")
+    calibrate(model, [random_tokens(batch=MICRO, seq=CTX, seed=99)], rule)
+    schedule = Schedule(total_steps=2, freeze_at={"blocks.0.ln2": 0, "blocks.1.ln1.v": 0})
+    weight = 0.7
+    stepper = Stepper(model, _cfg(steps=2, distill_weight=weight, grad_clip=1e9), schedule, sigma=rule,
+                      teacher=teacher)
+    stepper.start()
+    stepper.begin(0)
+    batch = RecordingSampler().gather(np.arange(2 * MICRO))
+    reference = copy.deepcopy(model)  # the same site states, for the loss written out by hand
+    figures = stepper.compute(0, batch)
+
+    kls = []
+    for idx in batch.split(MICRO):
+        logits = reference(idx)
+        with torch.no_grad():
+            p = torch.softmax(load_model(model_dir)(idx).double(), dim=-1)  # the original, as loaded
+        kl = (p * (p.log() - torch.log_softmax(logits.double(), dim=-1))).sum(-1).mean()
+        targets = idx[:, 1:].flatten()
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).double(), targets)
+        ((ce + weight * kl) / 2).backward()
+        kls.append(kl.item())
+    assert figures.distill == pytest.approx(sum(kls) / 2, rel=1e-4, abs=1e-7) and figures.distill > 1e-3
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, ref.grad.to(p.grad.dtype), rtol=1e-4, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in teacher.parameters())
+    original = load_model(model_dir).state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in teacher.state_dict().items())  # the teacher never trains

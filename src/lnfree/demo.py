@@ -86,7 +86,7 @@ class DemoConfig:
 # so that adding a setting never silently re-pretrains an analog (about 20 minutes on 2 cores).
 _TRAIN_FIELDS_ADDED_LATER = ("device", "eval_every", "eval_tokens", "max_train_tokens", "full_cache", "fsdp",
                              "dist_timeout", "sample_factor", "aux_kind", "lora_rank", "lora_alpha", "lora_targets",
-                             "lora_trainable")
+                             "lora_trainable", "distill_weight")
 
 
 def _say(msg: str) -> None:

@@ -54,6 +54,7 @@ SETTING_RANGES = {
     "steps": AT_LEAST_1, "batch_tokens": AT_LEAST_1, "micro_batch": AT_LEAST_1, "ctx": Range(2), "lr": POSITIVE,
     "min_lr": AT_LEAST_0, "warmup_steps": AT_LEAST_0, "decay_steps": AT_LEAST_1, "weight_decay": AT_LEAST_0,
     "betas": FRACTION, "grad_clip": POSITIVE, "dropout": FRACTION, "aux_weight": AT_LEAST_0,
+    "distill_weight": AT_LEAST_0,
     "calibration_batches": AT_LEAST_1, "seed": AT_LEAST_0, "dist_timeout": POSITIVE, "checkpoint_every": AT_LEAST_0,
     "keep_checkpoints": AT_LEAST_1, "spike_factor": Range(1, low_open=True), "max_train_tokens": AT_LEAST_1,
     "sample_factor": AT_LEAST_1, "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_1, "ema_momentum": Range(0, 1),
@@ -132,6 +133,9 @@ class TrainConfig:
                                    "et al. 2025); relative — the same over σ̄² (scale-free); sites — log²(σ_t/σ̄) at "
                                    "every norm's input, averaged (ours; method/aux.py); sites-worst — the same plus "
                                    "each sequence's most outlying token (ours)")
+    distill_weight: float = _opt(0.0, "distillation from the model as loaded: weight × KL(original ‖ model) per "
+                                      "token, the original with every norm live (ours; the control drops it, as it "
+                                      "drops the aux loss)")
     calibration_batches: int = _opt(4, "micro-batches that measure σ̂ before the first step")
     seed: int = _opt(0, "data order, dropout masks and calibration draws")
     control: bool = _opt(False, "vanilla control: the identical run with every LayerNorm kept")

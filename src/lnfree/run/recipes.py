@@ -345,6 +345,7 @@ def describe_training(t: TrainConfig, s: SigmaRule) -> str:
     following = s.collects and s.tracking == "until-fixed"
     ema += f" of the {s.statistic}" + (", frozen sites too until their specials go" if following else "")
     aux = f"aux {t.aux_weight:g}" + (f" ({t.aux_kind})" if t.aux_weight else "")
+    aux += f"; distillation {t.distill_weight:g}" if t.distill_weight else ""
     special = f"; {s.special} special (k={s.outlier_factor:g})" if s.special == "outlier" else ""
     decay = f"cosine to {t.min_lr:g} at step {t.decay_steps or t.steps}"
     if t.lora_rank:

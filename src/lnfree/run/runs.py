@@ -7,6 +7,7 @@ final/ — a `transformers` checkpoint (LN-free runs: folded, no normalization) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -205,9 +206,9 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
         safe = {k: v for k, v in overrides.items() if k in RESUME_SAFE and v is not None}
         cfg, schedule, sigma = replace(saved.train, **safe), saved.schedule, saved.sigma or sigma
     elif control:
-        # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary loss,
-        # which belongs to the removal (the 2025 code trained its control with it).
-        schedule, cfg = control_schedule(schedule.total_steps), replace(cfg, aux_weight=0.0)
+        # The vanilla control: the identical run with every LayerNorm kept and without the auxiliary and
+        # distillation losses, which belong to the removal (the 2025 code trained its control with the aux loss).
+        schedule, cfg = control_schedule(schedule.total_steps), replace(cfg, aux_weight=0.0, distill_weight=0.0)
     if show_plan and not control:
         print(f"# preset {plan.preset} on {model.n_layers} layers, {schedule.total_steps} steps")
         print(f"# {describe_training(cfg, sigma)}")
@@ -230,8 +231,11 @@ def _run_removal(model_source, data, out_dir, preset, overrides, control, resume
                        data_manifest=cache.manifest, model=str(model_source), preset=plan.preset,
                        data_window_sequences=window, eval_data=(eval_data or data) if val else None,
                        model_gguf=where.gguf or None)
+    # the teacher is the model as loaded, before a checkpoint (on resume) or training changes it
+    teacher = copy.deepcopy(model) if cfg.distill_weight > 0 else None
     result = train(model, sampler, cfg, schedule, out_dir, sigma=sigma, calibration_batches=calibration,
-                   resume=resume, mode=mode, source=source, progress=progress, val_batches=val, report_to=report_to)
+                   resume=resume, mode=mode, source=source, progress=progress, val_batches=val, report_to=report_to,
+                   teacher=teacher)
     if world.is_main:
         final = result.model.fold() if not control else result.model
         save_model(final.float(), out_dir / "final", tokenizer_from=model_dir)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,39 @@ def make_optimizer(model: LNModel, cfg: TrainConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type in ("cuda", "cpu"))
 
 
+def _next_tokens(idx: Tensor) -> Tensor:
+    """(B·T,) targets: each position's next token; the last position has none and is ignored (-100), so the
+    (B, T, V) logits are never sliced and copied."""
+    return F.pad(idx[:, 1:], (0, 1), value=-100).flatten()
+
+
 def next_token_loss(logits: Tensor, idx: Tensor) -> Tensor:
-    """Mean CE over every next-token prediction within each sequence (EOT targets count). The last position has
-    no target: it is ignored rather than sliced off, so the (B, T, V) logits are never copied."""
-    targets = F.pad(idx[:, 1:], (0, 1), value=-100)  # (B, T), the last column ignored
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    """Mean CE over every next-token prediction within each sequence (EOT targets count)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), _next_tokens(idx), ignore_index=-100)
+
+
+def teacher_log_probs(teacher: LNModel, idx: Tensor) -> Tensor:
+    """(B·T, V) the original model's next-token log-probabilities, in fp32, without a graph."""
+    with torch.no_grad():
+        return F.log_softmax(teacher(idx).flatten(0, 1).float(), dim=-1)
+
+
+def distill_losses(logits: Tensor, idx: Tensor, teacher_log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """`next_token_loss` and the mean over every position of KL(teacher ‖ model), from one log-softmax of the
+    logits: the forward KL of knowledge distillation (Hinton et al. 2015, temperature 1), which pulls the model
+    toward every token the original gives mass to, not only the one in the text."""
+    log_q = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
+    ce = F.nll_loss(log_q, _next_tokens(idx), ignore_index=-100)
+    return ce, F.kl_div(log_q, teacher_log_p, log_target=True, reduction="batchmean")
+
+
+class StepFigures(NamedTuple):
+    """One optimizer step's global means, read from the device once."""
+
+    ce: float
+    aux: float
+    distill: float
+    grad_norm: float
 
 
 @functools.cache
@@ -82,12 +111,16 @@ class Stepper:
 
     No host syncs inside the step: site states are Python-side flags set here at the step boundary (a buffer
     write only when one changes), σ̂ statistics and the aux loss stay on the device, and the step's CE, aux loss
-    and grad norm come back in one read."""
+    and grad norm come back in one read. `teacher` (with cfg.distill_weight > 0): the original model, every norm
+    live, whose next-token distributions the model is distilled toward."""
 
     def __init__(self, model: LNModel, cfg: TrainConfig, schedule: Schedule, *, mode: str = "lnfree",
                  sigma: SigmaRule | None = None, world: distributed.World = distributed.SINGLE,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", teacher: LNModel | None = None):
+        if cfg.distill_weight > 0 and teacher is None:
+            raise ValueError("--distill-weight needs the original model as the teacher")
         self.model, self.cfg, self.schedule, self.mode, self.world = model, cfg, schedule, mode, world
+        self.teacher = teacher.to(device).eval().requires_grad_(False) if cfg.distill_weight > 0 else None
         self.sigma = sigma or SigmaRule()
         self.device = torch.device(device)
         self.n_micro = distributed.check_batch_layout(cfg.sequences_per_step(), cfg.micro_batch, world)
@@ -113,13 +146,18 @@ class Stepper:
             group["lr"] = lr
         return lr, states, newly_frozen
 
-    def compute(self, step: int, batch: Tensor, before_read=None) -> tuple[float, float, float]:
+    def compute(self, step: int, batch: Tensor, before_read=None) -> StepFigures:
         """Forward and backward over this rank's micro-batches of one optimizer step, then the clip; returns the
-        global mean CE, mean aux loss and grad norm, read from the device once. `before_read` runs when the work is
-        queued and before that read (the next batch's prefetch overlaps the device's compute)."""
+        global mean CE, aux and distillation losses and the grad norm, read from the device once. `before_read`
+        runs when the work is queued and before that read (the next batch's prefetch overlaps the device's
+        compute)."""
         cfg, model, world, device = self.cfg, self.model, self.world, self.device
-        sums = torch.zeros(2, device=device)  # CE, aux — kept on device until the step's single read
+        sums = torch.zeros(3, device=device)  # CE, aux, distillation — on device until the step's single read
         for j, idx in enumerate(batch.split(cfg.micro_batch)):
+            distill, teacher_log_p = torch.zeros((), device=device), None
+            if self.teacher is not None:
+                with autocast(cfg, device):
+                    teacher_log_p = teacher_log_probs(self.teacher, idx)
             # dropout masks belong to the global micro-batch, whichever rank runs it (and survive a resume)
             torch.manual_seed(distributed.micro_seed(cfg.seed, step, world.global_micro_index(j)))
             with distributed.gradient_sync(self.wrapped, world, last=j == self.n_micro - 1):
@@ -133,17 +171,19 @@ class Stepper:
                         aux = aux_std_loss(final_std.float(), model.eot_mask(idx), cfg.aux_kind)
                     else:
                         logits, aux = self.wrapped(idx), torch.zeros((), device=device)
-                    ce = next_token_loss(logits, idx)
-                ((ce + cfg.aux_weight * aux) / self.n_micro).backward()
-            sums += torch.stack([ce.detach(), aux.detach()])
+                    if teacher_log_p is None:
+                        ce = next_token_loss(logits, idx)
+                    else:
+                        ce, distill = distill_losses(logits, idx, teacher_log_p)
+                ((ce + cfg.aux_weight * aux + cfg.distill_weight * distill) / self.n_micro).backward()
+            sums += torch.stack([ce.detach(), aux.detach(), distill.detach()])
         distributed.all_reduce_sum_(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
         if before_read is not None:
             before_read()
-        values = torch.cat([sums / (self.n_micro * world.size), grad_norm.reshape(1).to(sums)]).tolist()
-        return values[0], values[1], values[2]
+        return StepFigures(*torch.cat([sums / (self.n_micro * world.size), grad_norm.reshape(1).to(sums)]).tolist())
 
     def finish(self) -> None:
         """AdamW, then one EMA update of σ̂ at live sites from this step's training forwards ("step" rule)."""
@@ -155,6 +195,6 @@ class Stepper:
     def run(self, step: int, batch: Tensor) -> float:
         """One whole step without the spike guard (what a benchmark times); returns the CE."""
         self.begin(step)
-        loss, _, _ = self.compute(step, batch)
+        figures = self.compute(step, batch)
         self.finish()
-        return loss
+        return figures.ce

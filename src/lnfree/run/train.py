@@ -115,12 +115,14 @@ class _Batches:
 def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule, run_dir: Path, *,
           sigma: SigmaRule | None = None, calibration_batches: list[Tensor] | None = None, resume: bool = False,
           mode: str = "lnfree", source: RunSource | None = None, progress: bool = True,
-          val_batches: list[Tensor] | None = None, report_to: tuple[str, ...] = ()) -> RunResult:
+          val_batches: list[Tensor] | None = None, report_to: tuple[str, ...] = (),
+          teacher: LNModel | None = None) -> RunResult:
     """Run (or resume) `schedule.total_steps` optimizer steps, writing metrics.jsonl and checkpoints to run_dir.
 
     mode: "lnfree" (the schedule removes LNs; σ̂ measured and followed by `sigma`), "control" (same run, every
     LN kept, no statistics), "pretrain" (from scratch). `val_batches` are scored every `cfg.eval_every` steps;
-    `report_to` names reporters (tensorboard, wandb) that receive every metrics record. Under torchrun every
+    `report_to` names reporters (tensorboard, wandb) that receive every metrics record; `teacher` is the original
+    model that cfg.distill_weight distills from (not saved: a resume loads it again). Under torchrun every
     rank calls this (lnfree.distributed); rank 0 writes the run's files and gets the trained model back.
     """
     sigma = sigma or SigmaRule()
@@ -142,7 +144,7 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
         if mode == "pretrain":
             raise ValueError("--lora trains an update of pretrained weights; pretraining trains every weight")
         add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_trainable, cfg.seed)
-    stepper = Stepper(model, cfg, schedule, mode=mode, sigma=sigma, world=world, device=device)
+    stepper = Stepper(model, cfg, schedule, mode=mode, sigma=sigma, world=world, device=device, teacher=teacher)
     optimizer = stepper.optimizer
     history: list[float] = []
     start = 0
@@ -177,12 +179,13 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
             done = step + 1 == schedule.total_steps
             lr, states, newly_frozen = stepper.begin(step)
             batch = batches.take()
-            loss_value, aux_value, grad_norm = stepper.compute(step, batch,
-                                                               before_read=None if done else batches.read_ahead)
+            figures = stepper.compute(step, batch, before_read=None if done else batches.read_ahead)
+            loss_value, grad_norm = figures.ce, figures.grad_norm
             # every rank sees the same global loss; a non-finite one is traced to its site
             _guard(loss_value, history, cfg, step, last_ckpt,
                    _where_nonfinite(model, batch[: cfg.micro_batch], cfg, device, world, loss_value),
-                   {"gradient norm": grad_norm, "auxiliary loss": aux_value})
+                   {"gradient norm": grad_norm, "auxiliary loss": figures.aux,
+                    "distillation loss": figures.distill})
             stepper.finish()
             history = (history + [loss_value])[-50:]
             dt = time.time() - t0
@@ -191,10 +194,12 @@ def train(model: LNModel, sampler: Sampler, cfg: TrainConfig, schedule: Schedule
                         if validate and (main or world.fsdp) else None)  # a sharded model's forwards are collective
             if main:
                 frozen = sum(state.frozen for state in states.values())
-                record = {"step": step, "loss": loss_value, "aux_loss": aux_value, "lr": lr,
+                record = {"step": step, "loss": loss_value, "aux_loss": figures.aux, "lr": lr,
                           "tokens": (step + 1) * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
                           "peak_mem_gib": peak.gib(), "grad_norm": grad_norm, "frozen_sites": frozen,
                           "n_sites": n_sites}
+                if cfg.distill_weight:
+                    record["distill_loss"] = figures.distill
                 if val_loss is not None:
                     record["val_loss"] = val_loss
                 if mode == "lnfree":
