@@ -10,7 +10,8 @@
                turned down (weights 1 → 0) and with the outlier cap raised (k = 2, 4, 8), position 0's ratio, and at
                a chosen weight the largest token norms per block — where a token runs away through frozen blocks
     branch   — a new run folder that continues a removal run from one of its checkpoints with another ease-out of
-               the outlier specials (`--bos-ramp`, `--bos-power`, ending `--tail` steps before the run's end): the
+               the outlier specials (`--bos-ramp`, `--bos-power`, ending `--tail` steps before the run's end, or each
+               site's `--bos-lag` steps after its own freeze): the
                checkpoint, metrics up to it and run.json are copied, the schedule in run.json edited; then
                `lnfree remove ... --resume --out BRANCH` (the run's own command) trains it, so ease-out variants
                start from one trained state instead of each costing a whole run
@@ -305,20 +306,27 @@ def branch(args) -> None:
         raise SystemExit(f"{out} exists; pick a new folder")
     record = json.loads((run / "run.json").read_text())
     schedule = record["schedule"]
-    off = schedule["total_steps"] - args.tail
-    if off - args.bos_ramp < args.step - 1:
-        raise SystemExit(f"an ease of {args.bos_ramp} steps ending at step {off} starts before the checkpoint")
-    schedule.update(bos_off={site: off for site in schedule["bos_off"]}, bos_ramp=args.bos_ramp,
-                    bos_power=args.bos_power)
+    if args.bos_lag is None:  # every site's special together, ending `tail` steps before the run's end
+        offs = {site: schedule["total_steps"] - args.tail for site in schedule["bos_off"]}
+        how = f"every site's special eased over {args.bos_ramp} steps to step {min(offs.values())}"
+    else:  # each site's special on its own, ending `bos_lag` steps after that site froze
+        offs = {site: schedule["freeze_at"][site] + args.bos_lag for site in schedule["bos_off"]}
+        how = f"each site's special eased over {args.bos_ramp} steps to {args.bos_lag} steps after its freeze"
+    if min(offs.values()) - args.bos_ramp < args.step - 1:
+        raise SystemExit(f"an ease of {args.bos_ramp} steps ending at step {min(offs.values())} starts before the "
+                         "checkpoint")
+    if max(offs.values()) >= schedule["total_steps"]:
+        raise SystemExit(f"the last special would go at step {max(offs.values())}, past the run's end")
+    schedule.update(bos_off=offs, bos_ramp=args.bos_ramp, bos_power=args.bos_power)
     schedule["notes"] = [*schedule.get("notes", []), f"branched from {run} at step {args.step} "
-                         f"(benchmarks/real_model.py branch): specials eased over {args.bos_ramp} steps to step {off}"]
+                         f"(benchmarks/real_model.py branch): {how}"]
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
     (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = (run / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] < args.step))
-    print(f"{out}: from step {args.step} of {run}; specials eased over steps {off - args.bos_ramp}–{off}, power "
-          f"{args.bos_power}; continue it with the run's own command plus --resume --out {out}")
+    print(f"{out}: from step {args.step} of {run}; {how}, power {args.bos_power}, the last at step "
+          f"{max(offs.values())}; continue it with the run's own command plus --resume --out {out}")
 
 
 def main() -> None:
@@ -352,6 +360,8 @@ def main() -> None:
     b.add_argument("--bos-ramp", type=int, required=True, help="ease the outlier specials out over this many steps")
     b.add_argument("--bos-power", type=float, default=2.0, help="weight (steps left / ramp) ** power")
     b.add_argument("--tail", type=int, default=36, help="steps at weight 0 before the run's end")
+    b.add_argument("--bos-lag", type=int, help="ease each site's special out on its own, ending this many steps after "
+                   "that site froze (RemovalSpec.bos_lag), instead of every site's together before --tail")
     b.set_defaults(func=branch)
     for q in (p, t, w, c):
         q.add_argument("--out", default="results/real-model")

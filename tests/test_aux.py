@@ -79,3 +79,21 @@ def test_a_non_finite_forward_names_the_site_that_overflowed(hf_gpt2_dir):
         stats = evaluate_ce(model, [idx], progress=False)
     assert not math.isfinite(stats.mean)
     assert any("blocks.1.ln1.v (frozen" in str(w.message) for w in seen)
+
+
+def test_a_token_whose_square_overflows_keeps_the_aux_loss_and_its_gradient_finite(hf_gpt2_dir):
+    """A runaway token still finite but past ~1.8e19 (its square leaves fp32) must not make the log-space auxiliary
+    loss inf: it gets a finite, large penalty and a finite gradient; ordinary tokens' std is computed as before."""
+    model = load_model(hf_gpt2_dir)
+    layer = model.norm_layers()[1]
+    x = torch.randn(2, 5, layer.weight.shape[-1])
+    x[1, 3] *= 3e20  # finite, but its square overflows
+    x.requires_grad_(True)
+    std = layer.input_std(x)
+    ordinary = (x[0] - x[0].mean(-1, keepdim=True)).pow(2).mean(-1).add(layer.eps).sqrt()
+    assert torch.equal(std[0], ordinary)  # bitwise the plain formula where it does not overflow
+    assert math.isfinite(std[1, 3].item()) and std[1, 3].item() > 1e38
+    loss = log_uniformity(std, None, worst=True)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() > 100
+    assert torch.isfinite(x.grad).all()

@@ -365,5 +365,11 @@ class RemovableLayerNorm(nn.Module):
 
     def input_std(self, x: Tensor) -> Tensor:
         """Per-token std (RMSNorm: RMS) of the input plus eps under the root, (B, T), with the gradient kept
-        (Baroni's auxiliary loss needs it)."""
-        return (self.centred(x).pow(2).mean(-1) + self.eps).sqrt()  # (torch.var is ~10× slower on CPU)
+        (Baroni's auxiliary loss needs it). A token whose square leaves the float range (|x| past ~1.8e19: one that
+        runs away through frozen SwiGLU blocks, which square its scale, while its value is still finite) counts as
+        the largest finite std instead of inf, so the log-space auxiliary loss stays finite — its terms at the sites
+        the token passed before it overflowed pull it back — and σ̂'s statistics stay finite (SmolLM2-135M,
+        2026-12-08: one rare token, ' nargs', reached ~10²⁴ with the CE still finite, and an inf std stopped the
+        run). Finite values are unchanged, bit for bit."""
+        std = (self.centred(x).pow(2).mean(-1) + self.eps).sqrt()  # (torch.var is ~10× slower on CPU)
+        return std.clamp(max=torch.finfo(std.dtype).max)
