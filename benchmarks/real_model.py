@@ -15,6 +15,8 @@
                checkpoint, metrics up to it and run.json are copied, the schedule in run.json edited; then
                `lnfree remove ... --resume --out BRANCH` (the run's own command) trains it, so ease-out variants
                start from one trained state instead of each costing a whole run
+    equalize-embeddings — a transformers folder of the model with its head untied and every input-embedding row
+               at one RMS (the median row's), to remove from instead of the original
     table    — run folders side by side with the original: CE of original / control / norm-free on held-out text,
                gap, fraction of the freeze-all cost recovered (measured here: plain freeze-all, or with the outlier
                special where plain is not finite), tokens, wall time, and the position-0 ratio per block before
@@ -25,6 +27,7 @@
     .venv/bin/python benchmarks/real_model.py warm smollm2-135m --tokens 2048 --steps 50
     .venv/bin/python benchmarks/real_model.py cliff smollm2-135m runs/smollm2/RUN/checkpoints/step_00000250
     .venv/bin/python benchmarks/real_model.py branch runs/smollm2/RUN 250 runs/smollm2/BRANCH --bos-ramp 40
+    .venv/bin/python benchmarks/real_model.py equalize-embeddings smollm2-135m runs/smollm2/eq-source
 
 No assertions: this is a measurement. CE uses `lnfree eval`'s protocol (stdlib-val, fp32, no BOS).
 """
@@ -329,6 +332,31 @@ def branch(args) -> None:
           f"{max(offs.values())}; continue it with the run's own command plus --resume --out {out}")
 
 
+def equalize_embeddings(args) -> None:
+    """A transformers folder of the model with its head untied (kept as the original embedding) and every input-
+    embedding row scaled to the median row's RMS: block 0's norm reads only an embedding's direction, so with every
+    norm live this barely moves the model, while in the norm-free model no token starts above the rest because of
+    its own embedding (RESULTS: a rare token that runs away)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, where = load_source(args.model)
+    out = Path(args.equalized_out)
+    if out.exists():
+        raise SystemExit(f"{out} exists; pick a new folder")
+    model = AutoModelForCausalLM.from_pretrained(where.model_dir, dtype=torch.float32)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    model.config.tie_word_embeddings = False
+    head = torch.nn.Linear(embedding.shape[1], embedding.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(embedding.clone())
+    model.set_output_embeddings(head)
+    rms = embedding.pow(2).mean(-1, keepdim=True).sqrt()  # (V, 1)
+    model.get_input_embeddings().weight = torch.nn.Parameter(embedding * (rms.median() / rms))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(where.model_dir).save_pretrained(out)
+    print(f"{out}: head untied, every input row at RMS {rms.median().item():.4f} (rows were "
+          f"{rms.min().item():.4f}–{rms.max().item():.4f}); use it as the model of `lnfree remove`")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True)
@@ -363,6 +391,10 @@ def main() -> None:
     b.add_argument("--bos-lag", type=int, help="ease each site's special out on its own, ending this many steps after "
                    "that site froze (RemovalSpec.bos_lag), instead of every site's together before --tail")
     b.set_defaults(func=branch)
+    e = sub.add_parser("equalize-embeddings")
+    e.add_argument("model")
+    e.add_argument("equalized_out", help="the new transformers folder")
+    e.set_defaults(func=equalize_embeddings)
     for q in (p, t, w, c):
         q.add_argument("--out", default="results/real-model")
         q.add_argument("--ctx", type=int, default=256)
